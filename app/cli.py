@@ -1,0 +1,154 @@
+"""The `ddim` command: sample, invert, train, export, eval."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _default_workdir(name: str) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "ddim-serve" / "train" / name
+
+
+def _load(args: argparse.Namespace):  # -> LoadedModel
+    from app.config import Settings
+    from app.models import discover, load_model, pick_device
+
+    settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
+    name = args.model or settings.default_model
+    names = discover(settings.model_store)
+    if args.model is None and name not in names and names:
+        name = names[0]
+    if name not in names:
+        raise SystemExit(f"ddim: no model {name!r} in {settings.model_store} (found: {', '.join(names) or 'none'})")
+    return load_model(settings.model_store / name, device=pick_device(settings.device), dtype=settings.dtype,
+                      allow_pickle=settings.allow_pickle)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from app.images import grid, npy_bytes, pil_images
+    from app.sampling import draw, sample_generators, timestep_sequence
+    from app.sampling.loop import sample
+
+    model = _load(args)
+    gens = sample_generators(args.seed, args.n)
+    x_T = draw(gens, model.sample_shape).to(model.device)
+    seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
+    clip = model.clip_sample if args.clip is None else args.clip
+    x0 = sample(model.eps, x_T, model.alphas_cumprod, seq, eta=args.eta, large=args.variance == "large",
+                prediction_type=model.prediction_type, clip_denoised=clip, generators=gens, progress=True)
+    grid(pil_images(x0)).save(args.out)
+    if args.latents_out:
+        Path(args.latents_out).write_bytes(npy_bytes(x0))
+    print(f"wrote {args.n} samples of {model.name} (S={args.steps}, eta={args.eta}) to {args.out}")
+    return 0
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from app.images import npy_bytes, to_model_space
+    from app.sampling import timestep_sequence
+    from app.sampling.loop import invert
+
+    model = _load(args)
+    x0 = torch.stack([to_model_space(Image.open(p), model.sample_shape) for p in args.images])
+    seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
+    x_T = invert(model.eps, x0.to(model.device), model.alphas_cumprod, seq,
+                 prediction_type=model.prediction_type, progress=True)
+    Path(args.out).write_bytes(npy_bytes(x_T))
+    print(f"wrote x_T of shape {tuple(x_T.shape)} to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from app.train.ddpm import TrainConfig, export, train
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      threads=args.threads)
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.name)
+    train(cfg, workdir, max_minutes=args.max_minutes)
+    if args.export:
+        info = export(workdir, Path(args.export))
+        print(f"exported {info} to {args.export}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from app.train.ddpm import export
+
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.name)
+    info = export(workdir, Path(args.out))
+    print(f"exported {info} to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddim", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", help="model folder name (default: the store's default model)")
+        q.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
+        q.add_argument("--steps", type=int, default=50, help="S, the number of sampling steps")
+        q.add_argument("--schedule", default="uniform",
+                       choices=["uniform", "leading", "quadratic", "trailing", "linspace"])
+
+    s = sub.add_parser("sample", help="generate a PNG grid")
+    model_args(s)
+    s.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM")
+    s.add_argument("--variance", choices=["eta", "large"], default="eta")
+    s.add_argument("-n", type=int, default=16, help="number of images")
+    s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip predicted x0 to [-1, 1] (default: the model's clip_sample)")
+    s.add_argument("--out", default="grid.png")
+    s.add_argument("--latents-out", help="also write the final samples x0 as .npy")
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("invert", help="DDIM-invert images to x_T (.npy)")
+    model_args(i)
+    i.add_argument("images", nargs="+")
+    i.add_argument("--out", default="xT.npy")
+    i.set_defaults(func=cmd_invert)
+
+    t = sub.add_parser("train", help="train the Fashion-MNIST eps-model (resumes from its checkpoint)")
+    t.add_argument("--name", default="fashion-mnist")
+    t.add_argument("--workdir", help="checkpoint folder (default ~/.cache/ddim-serve/train/NAME)")
+    t.add_argument("--steps", type=int, default=8000, help="total optimiser steps")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    t.add_argument("--export", metavar="DIR", help="export the EMA weights to DIR when done")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a training checkpoint's EMA weights as a model folder")
+    e.add_argument("--name", default="fashion-mnist")
+    e.add_argument("--workdir")
+    e.add_argument("--out", default="model_store/fashion-mnist")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from app.models import ModelStoreError
+    from app.sampling import ScheduleError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ModelStoreError, ScheduleError, FileNotFoundError) as e:
+        print(f"ddim: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""One Settings object, read from DDIM_* environment variables (and flags), passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of ddim-serve. Environment: DDIM_<NAME>, e.g. DDIM_MODEL_STORE=/models."""
+
+    model_config = SettingsConfigDict(env_prefix="DDIM_", extra="ignore")
+
+    model_store: Path = Field(Path("model_store"), description="folder of model folders")
+    default_model: str = Field("fashion-mnist", description="used when a request names none "
+                               "(falls back to the first model in the store)")
+    device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device string")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    allow_pickle: bool = Field(False, description="load pickled .bin weights (runs code from the file)")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = Field(64, ge=1, description="samples per eps-network forward")
+    max_queue: int = Field(1024, ge=1, description="waiting + active samples per model before 429")
+    max_n: int = Field(64, ge=1, description="images per request")
+    max_steps: int = Field(1000, ge=1, description="largest S a request may ask for")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    warmup: bool = True
+    batching: Literal["step", "request"] = Field(
+        "step", description="step: join the running batch at the next step; request: admit only "
+        "between whole requests (for comparison)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    log_json: bool = True

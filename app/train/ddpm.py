@@ -1,0 +1,148 @@
+"""`ddim train`: L_simple training of the bundled eps-model, with EMA, checkpoints and resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from tqdm import tqdm
+
+from app.models.folder import write_model_folder
+from app.sampling.schedules import alphas_cumprod_from_config
+from app.train.data import load_split, to_model_space
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_CONFIG = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "variance_type": "fixed_small",
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+}
+
+UNET_CONFIG = {
+    "sample_size": 32,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [32, 64, 128],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 16,
+}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 4e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 250
+    threads: int = 0
+    unet: dict = field(default_factory=lambda: dict(UNET_CONFIG))
+    scheduler: dict = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+
+
+def _batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    """Deterministic data order: a fresh permutation per epoch, so a resumed run sees the same data."""
+    per_epoch = n // batch
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[k * batch:(k + 1) * batch]
+
+
+def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> Path:
+    """Train (or resume) until cfg.steps or max_minutes; returns the checkpoint path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = workdir / "checkpoint.pt"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = UNet2DModel(**cfg.unet)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step, wall = 0, 0.0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step, wall = state["step"], state["wall"]
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    (workdir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    images, _ = load_split("train")
+    data = to_model_space(images, cfg.unet["sample_size"])
+    alphas_cumprod = alphas_cumprod_from_config(cfg.scheduler)
+    T = alphas_cumprod.numel()
+
+    def save() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "gen": gen.get_state(), "step": step, "wall": wall}, tmp)
+        tmp.replace(ckpt_path)
+
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    t0 = time.monotonic()
+    while step < cfg.steps and time.monotonic() < deadline:
+        x0 = data[_batch_indices(step, cfg.batch_size, len(data), cfg.seed)]
+        flip = torch.rand(len(x0), generator=gen) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, T, (len(x0),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)  # L_simple
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        _ema_update(ema, model, step, cfg.ema_decay)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            wall += time.monotonic() - t0
+            t0 = time.monotonic()
+            save()
+    wall += time.monotonic() - t0
+    save()
+    bar.close()
+    return ckpt_path
+
+
+def export(workdir: Path, out: Path) -> dict:
+    """Write the EMA weights in the diffusers DDPMPipeline layout (safetensors)."""
+    state = torch.load(workdir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    cfg = json.loads((workdir / "train_config.json").read_text())
+    unet = UNet2DModel(**cfg["unet"])
+    unet.load_state_dict(state["ema"])
+    write_model_folder(out, unet, {k: v for k, v in cfg["scheduler"].items() if k != "_class_name"})
+    return {"step": state["step"], "wall_seconds": state["wall"],
+            "parameters": sum(p.numel() for p in unet.parameters())}
