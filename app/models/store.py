@@ -180,7 +180,9 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         raise ModelStoreError(f"{files.weights}: weights do not fit {files.unet_config}: "
                               + " ".join(s.strip() for s in first)) from e
     dev = torch.device(device)
-    unet = unet.to(dev, DTYPES[dtype]).eval().requires_grad_(False)
+    unet = unet.to(dev).eval().requires_grad_(False)
+    if dtype != "float32":
+        unet = unet.to(DTYPES[dtype])
     return LoadedModel(name or root.name, unet, sched, alphas_cumprod.to(dev), dev, DTYPES[dtype], root)
 
 

@@ -68,8 +68,12 @@ def predict_x0_eps(
 
 
 def ddim_sigma(alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-    """sigma_t(eta) = eta sqrt((1 - a_{t'}) / (1 - a_t)) sqrt(1 - a_t / a_{t'})   (Eq. 16)."""
-    return eta * ((1 - alpha_prev) / (1 - alpha)).sqrt() * (1 - alpha / alpha_prev).clamp(min=0).sqrt()
+    """sigma_t(eta) = eta sqrt((1 - a_{t'}) / (1 - a_t)) sqrt(1 - a_t / a_{t'})   (Eq. 16).
+
+    Zero where eta = 0, also on rows that start from the clean end (alpha = 1, inversion).
+    """
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha)).sqrt() * (1 - alpha / alpha_prev).clamp(min=0).sqrt()
+    return torch.where(eta > 0, sigma, torch.zeros_like(sigma))
 
 
 def generalized_step(

@@ -1,0 +1,61 @@
+"""Decoding client payloads (base64 .npy and images) into tensors, with errors that name the field."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from app.engine.client import InvalidRequest
+from app.images import from_npy_bytes, to_model_space
+
+
+class PayloadTooLarge(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def b64decode(data: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidRequest(field, f"{field} is not valid base64 ({e})") from e
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_npy(data: str, field: str) -> torch.Tensor:
+    """base64 .npy -> float32 tensor (never unpickles)."""
+    raw = b64decode(data, field)
+    try:
+        arr = from_npy_bytes(raw)
+    except (ValueError, OSError, EOFError) as e:
+        raise InvalidRequest(field, f"{field} is not a readable .npy array ({e})") from e
+    if arr.dtype.kind not in "fiu":
+        raise InvalidRequest(field, f"{field} must be a numeric array, got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def decode_image(raw: bytes, field: str, shape: tuple[int, int, int], max_pixels: int) -> torch.Tensor:
+    """PNG/JPEG bytes -> [C, H, W] in [-1, 1], resized and centre-cropped to the model's shape."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.width * image.height > max_pixels:
+                raise PayloadTooLarge(field, f"{field} has {image.width}x{image.height} pixels; "
+                                      f"the limit is {max_pixels}")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise PayloadTooLarge(field, f"{field} is too large to decode ({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InvalidRequest(field, f"{field} cannot be decoded as an image ({e})") from e
+    return to_model_space(image, shape)

@@ -1,0 +1,94 @@
+"""Every error is JSON {"detail": ...} naming what is wrong with which field; bad input is never a 500."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.codecs import PayloadTooLarge
+from app.engine.client import InvalidRequest, UnknownModel
+from app.engine.jobs import QueueFull
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    pass
+
+
+class NotAcceptable(Exception):
+    def __init__(self, accept: str, offered: list[str]) -> None:
+        super().__init__(f"cannot produce {accept!r}; this endpoint offers {', '.join(offered)}")
+
+
+def _reject(request: Request, reason: str) -> None:
+    request.app.state.metrics.rejected.labels(reason).inc()
+
+
+def error_response(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            reason = (e.get("ctx") or {}).get("error", "")
+            out.append({"field": "body", "msg": f"body is not valid JSON: {reason}".strip(": "), "type": "json_invalid"})
+            continue
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        out.append({"field": ".".join(loc) or "body", "msg": e.get("msg", "invalid"), "type": e.get("type")})
+    return out
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers on app."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _reject(request, "invalid")
+        return error_response(422, _field_errors(exc))
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
+        _reject(request, "invalid")
+        return error_response(422, [{"field": exc.field, "msg": str(exc), "type": "value_error"}])
+
+    @app.exception_handler(PayloadTooLarge)
+    async def _too_large(request: Request, exc: PayloadTooLarge) -> JSONResponse:
+        _reject(request, "too_large")
+        return error_response(413, [{"field": exc.field, "msg": str(exc), "type": "too_large"}])
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown(request: Request, exc: UnknownModel) -> JSONResponse:
+        _reject(request, "unknown_model")
+        return error_response(404, [{"field": "model", "msg": str(exc), "type": "not_found"}])
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
+        _reject(request, "queue_full")
+        return error_response(429, str(exc), {"Retry-After": str(int(round(exc.retry_after)))})
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
+        _reject(request, "not_ready")
+        return error_response(503, str(exc) or "models are still loading", {"Retry-After": "5"})
+
+    @app.exception_handler(NotAcceptable)
+    async def _not_acceptable(request: Request, exc: NotAcceptable) -> JSONResponse:
+        _reject(request, "not_acceptable")
+        return error_response(406, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal error; see the server log for the request id")

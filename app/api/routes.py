@@ -1,0 +1,188 @@
+"""HTTP routes: parse, hand to the engine, encode. No sampling logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from app.api.codecs import b64decode, b64encode, decode_image, decode_npy
+from app.api.errors import NotReady
+from app.api.negotiate import GIF, JSON, NPY, PNG, negotiate
+from app.api.schemas import Endpoint, GenerateRequest, InterpolateRequest, InvertRequest
+from app.config import Settings
+from app.engine.client import Engine, InvalidRequest
+from app.engine.jobs import SampleJob
+from app.images import gif_bytes, grid, npy_bytes, pil_images, png_bytes
+from app.models import LoadedModel
+from app.sampling import draw, sample_generators
+
+router = APIRouter()
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    if not engine.ready:
+        raise NotReady(engine.error or "models are still loading")
+    return engine
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+
+
+def _model(engine: Engine, request: Request, name: str | None) -> LoadedModel:
+    model = engine.model(name)
+    request.state.model = model.name
+    return model
+
+
+async def _run(engine: Engine, request: Request, model: LoadedModel, job: SampleJob) -> torch.Tensor:
+    """Run a job; its queue time adds to the request's log line."""
+    result = await engine.run(model, job)
+    request.state.queue_seconds = getattr(request.state, "queue_seconds", 0.0) + result.queue_seconds
+    return result.x
+
+
+def _png_list(x: torch.Tensor) -> list[str]:
+    return [b64encode(png_bytes(im)) for im in pil_images(x)]
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> dict[str, Any]:
+    engine: Engine = request.app.state.engine
+    if not engine.ready:
+        raise NotReady(engine.error or "models are still loading")
+    return {"status": "ready", "models": sorted(engine.models)}
+
+
+@router.get("/models")
+async def models(engine: EngineDep) -> dict[str, Any]:
+    out = []
+    for name, m in sorted(engine.models.items()):
+        waiting, active = engine.workers[name].load
+        out.append({**m.info(), "default": name == engine.default_name, "waiting": waiting, "active": active})
+    return {"models": out}
+
+
+@router.post("/generate", responses={200: {"content": {PNG: {}, NPY: {}}}})
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    accept = negotiate(request, [JSON, PNG, NPY])
+    request.state.params = {"n": body.n, "steps": body.steps, "eta": body.eta}
+    model = _model(engine, request, body.model)
+    if body.n > settings.max_n:
+        raise InvalidRequest("n", f"n must be at most {settings.max_n} on this server")
+    x_T = decode_npy(body.x_T, "x_T") if body.x_T is not None else None
+    job, seed = engine.generate_job(model, n=body.n, steps=body.steps, eta=body.eta, large=body.variance == "large",
+                                    schedule=body.schedule, seed=body.seed, x_T=x_T, clip=body.clip_denoised)
+    start = job.x.clone()
+    x_0 = await _run(engine, request, model, job)
+    if accept == PNG:
+        images = pil_images(x_0)
+        return Response(png_bytes(images[0] if body.n == 1 else grid(images)), media_type=PNG)
+    if accept == NPY:
+        return Response(npy_bytes(x_0), media_type=NPY)
+    out: dict[str, Any] = {"model": model.name, "seed": seed, "n": body.n, "steps": body.steps, "eta": body.eta,
+                           "variance": body.variance, "schedule": body.schedule, "images": _png_list(x_0)}
+    if body.return_latents:
+        out["x_T"], out["x_0"] = b64encode(npy_bytes(start)), b64encode(npy_bytes(x_0))
+    return out
+
+
+async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes]]:
+    """JSON {images: [base64]} or a multipart form with files (other fields as form fields)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        files = [await f.read() for f in form.getlist("files") if hasattr(f, "read")]
+        fields = {k: v for k, v in form.items() if k != "files"}
+        try:
+            body = InvertRequest.model_validate({**fields, "images": ["-"] * len(files)})
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from e
+        return body, files
+    try:
+        data = await request.json()
+    except ValueError as e:
+        raise InvalidRequest("body", f"body is not valid JSON ({e})") from e
+    try:
+        body = InvertRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from e
+    return body, [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)]
+
+
+@router.post("/invert", responses={200: {"content": {NPY: {}}}})
+async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    accept = negotiate(request, [JSON, NPY])
+    body, raws = await _invert_request(request)
+    request.state.params = {"n": len(raws), "steps": body.steps, "eta": 0.0}
+    model = _model(engine, request, body.model)
+    if len(raws) > settings.max_n:
+        raise InvalidRequest("images", f"at most {settings.max_n} images per request on this server")
+    images = torch.stack([decode_image(r, f"images.{i}", model.sample_shape, settings.max_image_pixels)
+                          for i, r in enumerate(raws)])
+    x_T = await _run(engine, request, model, engine.invert_job(model, images, steps=body.steps,
+                                                               schedule=body.schedule))
+    if accept == NPY:
+        return Response(npy_bytes(x_T), media_type=NPY)
+    out: dict[str, Any] = {"model": model.name, "steps": body.steps, "schedule": body.schedule,
+                           "x_T": b64encode(npy_bytes(x_T))}
+    if body.return_reconstruction:
+        job, _ = engine.generate_job(model, n=len(raws), steps=body.steps, eta=0.0, large=False,
+                                     schedule=body.schedule, seed=None, x_T=x_T, endpoint="invert")
+        rec = await _run(engine, request, model, job)
+        mse = (((rec.clamp(-1, 1) - images) / 2) ** 2).flatten(1).mean(1)
+        out["reconstruction"], out["reconstruction_mse"] = _png_list(rec), mse.tolist()
+    return out
+
+
+async def _latent(engine: Engine, request: Request, model: LoadedModel, end: Endpoint, field: str,
+                  body: InterpolateRequest, settings: Settings) -> torch.Tensor:
+    if end.seed is not None:
+        return draw(sample_generators(end.seed, 1), model.sample_shape)[0]
+    if end.x_T is not None:
+        x = decode_npy(end.x_T, f"{field}.x_T")
+        return engine.check_latents(model, x[None] if x.dim() == 3 else x, 1, f"{field}.x_T")[0]
+    image = decode_image(b64decode(str(end.image), f"{field}.image"), f"{field}.image", model.sample_shape,
+                         settings.max_image_pixels)
+    job = engine.invert_job(model, image[None], steps=body.steps, schedule=body.schedule)
+    return (await _run(engine, request, model, job))[0]
+
+
+@router.post("/interpolate", responses={200: {"content": {GIF: {}, PNG: {}}}})
+async def interpolate(body: InterpolateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    accept = negotiate(request, [JSON, GIF, PNG])
+    request.state.params = {"n": body.frames, "steps": body.steps, "eta": 0.0}
+    model = _model(engine, request, body.model)
+    if body.frames > settings.max_n:
+        raise InvalidRequest("frames", f"frames must be at most {settings.max_n} on this server")
+    engine.check_steps(model, body.steps, body.schedule)
+    x0, x1 = await asyncio.gather(_latent(engine, request, model, body.start, "start", body, settings),
+                                  _latent(engine, request, model, body.end, "end", body, settings))
+    latents = engine.interpolate(x0, x1, body.frames, body.method)
+    job, _ = engine.generate_job(model, n=body.frames, steps=body.steps, eta=0.0, large=False, schedule=body.schedule,
+                                 seed=None, x_T=latents, endpoint="interpolate")
+    images = pil_images(await _run(engine, request, model, job))
+    if accept == GIF:
+        return Response(gif_bytes(images), media_type=GIF)
+    if accept == PNG:
+        return Response(png_bytes(grid(images, ncols=len(images))), media_type=PNG)
+    out: dict[str, Any] = {"model": model.name, "frames": body.frames, "steps": body.steps,
+                           "schedule": body.schedule, "method": body.method,
+                           "images": [b64encode(png_bytes(im)) for im in images]}
+    if body.return_latents:
+        out["x_T"] = b64encode(npy_bytes(latents))
+    return out

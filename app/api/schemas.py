@@ -1,0 +1,61 @@
+"""Request bodies. Unknown fields are refused, so a misspelt option never passes silently."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Schedule = Literal["uniform", "leading", "quadratic", "trailing", "linspace"]
+SEED_MAX = 2**62
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class GenerateRequest(_Body):
+    model: str | None = Field(None, description="model name; the server's default if omitted")
+    n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
+    steps: int = Field(50, ge=1, description="S, the number of sampling steps")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="0 = DDIM (deterministic), 1 = DDPM")
+    variance: Literal["eta", "large"] = Field("eta", description="large: the paper's sigma-hat (DDPM fixed_large)")
+    schedule: Schedule = "uniform"
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="chosen at random and echoed back if omitted")
+    x_T: str | None = Field(None, description="start latents: base64 .npy, float32, shape (n, C, H, W)")
+    clip_denoised: bool | None = Field(None, description="clip predicted x0 to [-1, 1]; default: the model's")
+    return_latents: bool = False
+
+
+class InvertRequest(_Body):
+    model: str | None = None
+    images: list[str] = Field(..., min_length=1, description="base64 PNG or JPEG images")
+    steps: int = Field(50, ge=1)
+    schedule: Schedule = "uniform"
+    return_reconstruction: bool = False
+
+
+class Endpoint(_Body):
+    """One end of an interpolation: exactly one of seed, x_T (base64 .npy) or image (base64 PNG/JPEG)."""
+
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    x_T: str | None = None
+    image: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Endpoint:
+        given = [k for k in ("seed", "x_T", "image") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of seed, x_T or image (got {', '.join(given) or 'none'})")
+        return self
+
+
+class InterpolateRequest(_Body):
+    model: str | None = None
+    start: Endpoint
+    end: Endpoint
+    frames: int = Field(8, ge=2)
+    steps: int = Field(50, ge=1)
+    schedule: Schedule = "uniform"
+    method: Literal["slerp", "lerp"] = "slerp"
+    return_latents: bool = False

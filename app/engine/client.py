@@ -1,0 +1,155 @@
+"""The narrow interface the HTTP layer talks to: load models, build validated jobs, run them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from app.config import Settings
+from app.engine.jobs import JobResult, SampleJob
+from app.engine.worker import BatchWorker
+from app.metrics import Metrics
+from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
+from app.sampling import draw, lerp, sample_generators, slerp, timestep_sequence
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown model {name!r}; loaded models: {', '.join(known) or 'none'}")
+
+
+class InvalidRequest(ValueError):
+    """A request that passed the schema but cannot run on this model; field names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Generated:
+    x_T: torch.Tensor
+    x_0: torch.Tensor
+    seed: int | None
+    result: JobResult
+
+
+class Engine:
+    """All models and their workers. Created in create_app, started by the lifespan."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, LoadedModel] = {}
+        self.workers: dict[str, BatchWorker] = {}
+        self.ready = False
+        self.error: str | None = None
+        self.default_name: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load every model of the store, warm each up, start its worker (blocking; run in a thread)."""
+        s = self.settings
+        started = time.monotonic()
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        device = pick_device(s.device)
+        names = discover(s.model_store)
+        if not names:
+            raise ModelStoreError(f"{s.model_store}: no model folders found")
+        for name in names:
+            model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle)
+            if s.warmup:
+                for b in sorted({1, s.max_batch_size}):
+                    model.eps(torch.zeros(b, *model.sample_shape, device=device), torch.full((b,), 500))
+            self.models[name] = model
+            info = model.info()
+            self.metrics.model_info.labels(name, info["device"], info["dtype"], str(model.num_train_timesteps),
+                                           "x".join(map(str, info["image_size"])), str(info["channels"])).set(1)
+            worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                                 batching=s.batching)
+            worker.start()
+            self.workers[name] = worker
+            log.info("model %s ready on %s (%s)", name, device, s.dtype)
+        self.default_name = s.default_model if s.default_model in self.models else names[0]
+        self.ready = True
+        self.metrics.ready.set(1)
+        self.metrics.startup_seconds.set(time.monotonic() - started)
+
+    def stop(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+
+    # -- lookups -------------------------------------------------------------------------------
+    def model(self, name: str | None) -> LoadedModel:
+        name = name or self.default_name
+        if name not in self.models:
+            raise UnknownModel(str(name), sorted(self.models))
+        return self.models[name]
+
+    def check_steps(self, model: LoadedModel, steps: int, schedule: str) -> torch.Tensor:
+        if steps > self.settings.max_steps:
+            raise InvalidRequest("steps", f"steps must be at most {self.settings.max_steps} on this server")
+        try:
+            return timestep_sequence(steps, model.num_train_timesteps, schedule)
+        except ValueError as e:
+            raise InvalidRequest("steps" if "steps" in str(e) else "schedule", str(e)) from e
+
+    def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str) -> torch.Tensor:
+        want = (n, *model.sample_shape)
+        if tuple(x.shape) != want:
+            raise InvalidRequest(field, f"{field} must have shape {want}, got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidRequest(field, f"{field} holds NaN or infinite values")
+        return x.float()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str,
+                     seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
+                     endpoint: str = "generate") -> tuple[SampleJob, int | None]:
+        """A validated generation job; the seed (chosen at random if None) is returned with it."""
+        seq = self.check_steps(model, steps, schedule)
+        stochastic = eta > 0 or large
+        gens = None
+        if x_T is None or stochastic:
+            if seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            gens = sample_generators(seed, n)
+            drawn = draw(gens, model.sample_shape)
+            x_T = drawn if x_T is None else self.check_latents(model, x_T, n, "x_T")
+        else:
+            x_T = self.check_latents(model, x_T, n, "x_T")
+        clip_denoised = model.clip_sample if clip is None else clip
+        job = SampleJob("generate", x_T, seq, eta=eta, large=large, clip_denoised=clip_denoised,
+                        generators=gens if stochastic else None, endpoint=endpoint)
+        return job, seed
+
+    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str) -> SampleJob:
+        seq = self.check_steps(model, steps, schedule)
+        return SampleJob("invert", self.check_latents(model, images, images.shape[0], "images"), seq,
+                         endpoint="invert")
+
+    async def run(self, model: LoadedModel, job: SampleJob) -> JobResult:
+        """Submit and await; a cancelled await (client gone) cancels the job in the worker."""
+        worker = self.workers[model.name]
+        worker.submit(job)
+        try:
+            result = await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            worker.cancel(job)
+            raise
+        self.metrics.images.labels(model.name, job.endpoint).inc(job.n)
+        return result
+
+    @staticmethod
+    def interpolate(x0: torch.Tensor, x1: torch.Tensor, frames: int, method: str) -> torch.Tensor:
+        """frames latents from x0 to x1 (both [C, H, W]), endpoints included."""
+        f = slerp if method == "slerp" else lerp
+        alphas = [i / (frames - 1) for i in range(frames)] if frames > 1 else [0.0]
+        return torch.stack([f(x0, x1, a) for a in alphas])

@@ -1,0 +1,177 @@
+"""One BatchWorker per model: admit -> one forward over every active sample -> per-sample update.
+
+Requests with different S, eta, variance, schedules and directions share each forward, and a
+new sample joins the running batch at the next step. The worker owns its queue and its thread;
+callers only submit() and wait on the job's future.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Literal
+
+import torch
+
+from app.engine.batch import ActiveBatch, Row
+from app.engine.jobs import JobCancelled, JobResult, QueueFull, SampleJob
+from app.metrics import Metrics
+from app.models import LoadedModel
+from app.sampling import generalized_step
+
+log = logging.getLogger(__name__)
+
+
+class BatchWorker:
+    """The step-level batching loop for one model, in its own thread."""
+
+    def __init__(self, model: LoadedModel, metrics: Metrics, *, max_batch_size: int = 64,
+                 max_queue: int = 1024, batching: Literal["step", "request"] = "step") -> None:
+        self.model = model
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batching = batching
+        self.waiting: deque[Row] = deque()
+        self.batch = ActiveBatch(model.alphas_cumprod, model.device)
+        self.forwards = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._cancel_pending = False
+        self._thread = threading.Thread(target=self._run, name=f"worker-{model.name}", daemon=True)
+        self._step_seconds = 0.0  # moving average, for Retry-After
+
+    # -- the interface callers see -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, job: SampleJob) -> SampleJob:
+        """Queue a validated job; raises QueueFull past max_queue waiting + active samples."""
+        with self._cond:
+            load = len(self.waiting) + len(self.batch)
+            if load + job.n > self.max_queue:
+                raise QueueFull(self.model.name, self.retry_after())
+            self.waiting.extend(Row(job, i) for i in range(job.n))
+            self._gauges()
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: SampleJob) -> None:
+        """Drop a job's samples at the next step boundary (e.g. its client went away)."""
+        with self._cond:
+            job.cancelled = True
+            self._cancel_pending = True
+            self._cond.notify()
+
+    def retry_after(self) -> float:
+        """A guess of when a slot frees up: one step per queued batch, at least 1 s."""
+        backlog = (len(self.waiting) + len(self.batch)) / max(1, self.max_batch_size)
+        return max(1.0, backlog * self._step_seconds)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(waiting, active) samples."""
+        return len(self.waiting), len(self.batch)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """FIFO admission up to max_batch_size (request mode: only into an empty batch)."""
+        if self.batching == "request" and len(self.batch):
+            return
+        rows: list[Row] = []
+        free = self.max_batch_size - len(self.batch)
+        while self.waiting and len(rows) < free:
+            row = self.waiting[0]
+            if self.batching == "request" and row.index == 0 and row.job.n > free - len(rows) and rows:
+                break  # request mode admits whole requests only
+            rows.append(self.waiting.popleft())
+        now = time.monotonic()
+        for r in rows:
+            if r.job.first_step_at is None:
+                r.job.first_step_at = now
+            self.metrics.queue_wait.labels(self.model.name).observe(now - r.job.submitted_at)
+        self.batch.add(rows)
+
+    def _drop_cancelled(self) -> None:
+        """Remove cancelled jobs' samples (only scanned after a cancel() call)."""
+        if not self._cancel_pending:
+            return
+        self._cancel_pending = False
+        rows = [*self.batch.rows, *self.waiting]
+        cancelled = {id(r.job): r.job for r in rows if r.job.cancelled}
+        if any(r.job.cancelled for r in self.batch.rows):
+            self.batch.keep(torch.tensor([not r.job.cancelled for r in self.batch.rows]))
+        self.waiting = deque(r for r in self.waiting if not r.job.cancelled)
+        for job in cancelled.values():
+            if not job.future.done():
+                job.future.set_exception(JobCancelled(f"job {job.id} was cancelled"))
+
+    def step(self) -> None:
+        """One forward over all active samples, then each sample's own update."""
+        b = self.batch
+        assert b.x is not None
+        t = b.timesteps()
+        alpha, alpha_next, sigma, noise_std = b.coefficients()
+        noise = b.noise()
+        started = time.perf_counter()
+        out = self.model.eps(b.x, t)
+        forward = time.perf_counter() - started
+        x_next = generalized_step(b.x, out, alpha, alpha_next, sigma, noise_std,
+                                  prediction_type=self.model.prediction_type, clip_denoised=b.clip,
+                                  noise=noise).prev_sample
+        self.forwards += 1
+        name = self.model.name
+        self.metrics.batch_size.labels(name).observe(len(b))
+        self.metrics.forward_seconds.labels(name).observe(forward)
+        self.metrics.sample_steps.labels(name).inc(len(b))
+        self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
+        for row in b.advance(x_next):
+            job = row.job
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                now = time.monotonic()
+                first = job.first_step_at or now
+                job.future.set_result(JobResult(job.out, first - job.submitted_at, now - first))
+
+    def _fail_active(self, error: BaseException) -> None:
+        for job in {id(r.job): r.job for r in self.batch.rows}.values():
+            if not job.future.done():
+                job.future.set_exception(error)
+        self.batch.keep(torch.zeros(len(self.batch), dtype=torch.bool))
+
+    def _gauges(self) -> None:
+        self.metrics.queue_depth.labels(self.model.name).set(len(self.waiting))
+        self.metrics.active_samples.labels(self.model.name).set(len(self.batch))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self.waiting and not len(self.batch):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                self._drop_cancelled()
+                self._admit()
+                self._gauges()
+            if not len(self.batch):
+                continue
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 -- a failed forward fails its batch, not the worker
+                log.exception("step failed on model %s; failing %d active samples", self.model.name, len(self.batch))
+                self._fail_active(e)
+        with self._cond:
+            error = RuntimeError("the server is shutting down")
+            for r in self.waiting:
+                if not r.job.future.done():
+                    r.job.future.set_exception(error)
+            self.waiting.clear()
+        self._fail_active(RuntimeError("the server is shutting down"))

@@ -1,0 +1,36 @@
+"""The Prometheus metrics, one registry per app, recorded where each event happens."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# From GPU milliseconds to CPU minutes.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 120.0, 300.0, 600.0, 1800.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+
+
+class Metrics:
+    """Every metric of ddim-serve, registered in its own CollectorRegistry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram("ddim_request_duration_seconds", "Request duration",
+                                          ["endpoint", "model", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("ddim_queue_wait_seconds", "From submission to the sample's first step",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("ddim_queue_depth", "Samples waiting for a batch slot", ["model"], registry=r)
+        self.active_samples = Gauge("ddim_active_samples", "Samples in the running batch", ["model"], registry=r)
+        self.batch_size = Histogram("ddim_batch_size", "Samples per eps-network forward", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.forward_seconds = Histogram("ddim_model_forward_seconds", "Time of one eps-network forward",
+                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.sample_steps = Counter("ddim_sample_steps", "Sample-steps computed", ["model"], registry=r)
+        self.images = Counter("ddim_images", "Images (or latents) produced", ["model", "endpoint"], registry=r)
+        self.rejected = Counter("ddim_requests_rejected", "Requests rejected, by reason", ["reason"], registry=r)
+        self.model_info = Gauge("ddim_model_info", "Loaded models (value 1), with how they are loaded",
+                                ["model", "device", "dtype", "num_train_timesteps", "image_size", "channels"],
+                                registry=r)
+        self.ready = Gauge("ddim_ready", "1 once every model is loaded and warmed up", registry=r)
+        self.startup_seconds = Gauge("ddim_startup_seconds", "Time from start to ready", registry=r)

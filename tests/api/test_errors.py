@@ -1,0 +1,134 @@
+"""A table of bad inputs: each gets its status and a JSON detail naming the field; none gets a 500."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.api.helpers import npy_b64, png_b64
+from tests.server import running_server
+
+PNG = png_b64(Image.new("RGB", (8, 8), "red"))
+TRUNCATED_PNG = base64.b64encode(base64.b64decode(PNG)[:40]).decode()
+GOOD_LATENT = npy_b64(np.zeros((1, 1, 8, 8), np.float32))
+
+CASES: list[tuple[str, str, Any, int, str]] = [
+    # (name, path, json body or raw bytes, status, text the detail must contain)
+    ("n wrong type", "/generate", {"n": "three"}, 422, "n"),
+    ("n zero", "/generate", {"n": 0}, 422, "n"),
+    ("n over server limit", "/generate", {"n": 10_000}, 422, "n must be at most"),
+    ("steps zero", "/generate", {"steps": 0}, 422, "steps"),
+    ("steps over T", "/generate", {"steps": 1001}, 422, "steps"),
+    ("eta negative", "/generate", {"eta": -0.1}, 422, "eta"),
+    ("eta above one", "/generate", {"eta": 1.5}, 422, "eta"),
+    ("unknown variance", "/generate", {"variance": "huge"}, 422, "variance"),
+    ("unknown schedule", "/generate", {"schedule": "cosine"}, 422, "schedule"),
+    ("negative seed", "/generate", {"seed": -1}, 422, "seed"),
+    ("misspelt field", "/generate", {"stpes": 10}, 422, "stpes"),
+    ("not json", "/generate", b"{not json", 422, "body"),
+    ("json array", "/generate", [1, 2], 422, "body"),
+    ("x_T not base64", "/generate", {"x_T": "%%%"}, 422, "x_T"),
+    ("x_T not npy", "/generate", {"x_T": base64.b64encode(b"hello").decode()}, 422, "x_T"),
+    ("x_T wrong shape", "/generate", {"n": 2, "x_T": GOOD_LATENT}, 422, "x_T must have shape (2, 1, 8, 8)"),
+    ("x_T NaN", "/generate", {"x_T": npy_b64(np.full((1, 1, 8, 8), np.nan, np.float32))}, 422, "NaN"),
+    ("x_T pickled object array", "/generate", {"x_T": npy_b64(np.array([{"a": 1}], dtype=object))}, 422, "x_T"),
+    ("unknown model", "/generate", {"model": "nope"}, 404, "nope"),
+    ("invert no images", "/invert", {"images": []}, 422, "images"),
+    ("invert truncated png", "/invert", {"images": [TRUNCATED_PNG]}, 422, "images.0"),
+    ("invert not an image", "/invert", {"images": [base64.b64encode(b"GIF89a-nope").decode()]}, 422, "images.0"),
+    ("invert bad base64", "/invert", {"images": ["not base64!"]}, 422, "images.0"),
+    ("invert not json", "/invert", b"]]", 422, "body"),
+    ("invert unknown model", "/invert", {"model": "nope", "images": [PNG]}, 404, "nope"),
+    ("interpolate two kinds of end", "/interpolate", {"start": {"seed": 1, "x_T": GOOD_LATENT}, "end": {"seed": 2}},
+     422, "start"),
+    ("interpolate empty end", "/interpolate", {"start": {"seed": 1}, "end": {}}, 422, "end"),
+    ("interpolate one frame", "/interpolate", {"start": {"seed": 1}, "end": {"seed": 2}, "frames": 1}, 422, "frames"),
+    ("interpolate wrong latent", "/interpolate",
+     {"start": {"x_T": npy_b64(np.zeros((3, 8, 8), np.float32))}, "end": {"seed": 2}}, 422, "start.x_T"),
+    ("interpolate bad steps", "/interpolate", {"start": {"seed": 1}, "end": {"seed": 2}, "steps": 5000}, 422, "steps"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(client: httpx.Client, name: str, path: str, body: Any, status: int, needle: str) -> None:
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert needle in str(detail), detail
+
+
+def test_unacceptable_accept_header(client: httpx.Client) -> None:
+    r = client.post("/generate", json={"steps": 2}, headers={"accept": "text/html"})
+    assert r.status_code == 406 and "image/png" in r.json()["detail"]
+
+
+def test_huge_image_and_body_are_413(tmp_path: Path, tiny_store: Path) -> None:
+    big = png_b64(Image.new("L", (3000, 3000)))
+    with running_server(tiny_store, DDIM_MAX_IMAGE_PIXELS="1000000", DDIM_MAX_BODY_BYTES="200000") as url:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/invert", json={"images": [big]})
+            assert r.status_code == 413 and "images.0" in str(r.json()["detail"])
+            r = c.post("/generate", content=b"{" + b" " * 300_000 + b"}", headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "body" in str(r.json()["detail"])
+            # no content-length: a chunked body is counted as it arrives
+            r = c.post("/generate", content=iter([b"{", b" " * 300_000, b"}"]),
+                       headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            # the queue bound: n over max_queue (default 1024) cannot be admitted -> 429 with Retry-After
+
+
+def test_queue_full_is_429_with_retry_after(tiny_store: Path) -> None:
+    with running_server(tiny_store, DDIM_MAX_QUEUE="4", DDIM_MAX_BATCH_SIZE="2") as url:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            body = {"model": "tiny", "n": 4, "steps": 300}
+            with ThreadPoolExecutor(2) as pool:
+                running = pool.submit(c.post, "/generate", json=body)
+                deadline = 0
+                while not c.get("/models").json()["models"][0]["active"] and deadline < 5000:
+                    deadline += 1
+                rejected = c.post("/generate", json={"model": "tiny", "n": 1, "steps": 3})
+                assert running.result().status_code == 200
+            assert rejected.status_code == 429, rejected.text
+            assert int(rejected.headers["retry-after"]) >= 1 and "full" in rejected.json()["detail"]
+            assert c.post("/generate", json={"model": "tiny", "n": 1, "steps": 3}).status_code == 200
+
+
+def test_not_ready_is_503(tmp_path: Path) -> None:
+    """A store with a broken model: the server serves /healthz but never becomes ready."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    import subprocess
+    import sys
+    import time
+
+    from tests.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.main", "--port", str(port), "--model-store", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        time.sleep(1)
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 503 and "broken" in r.json()["detail"]
+        r = httpx.post(f"{url}/generate", json={})
+        assert r.status_code == 503 and r.headers["retry-after"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,54 @@
+"""A real ddim-serve process (uvicorn) on loopback, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(model_store: Path, *, ready_timeout: float = 120.0, **env: str) -> Iterator[str]:
+    """Start `ddim-serve` on a free loopback port; yields its base URL; DDIM_* settings via env."""
+    port = free_port()
+    environ = {**os.environ, "DDIM_MODEL_STORE": str(model_store), "OMP_NUM_THREADS": "1", "DDIM_THREADS": "1",
+               "DDIM_MAX_BATCH_SIZE": "16", **env}
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ddim-serve-{port}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app.main", "--host", "127.0.0.1", "--port", str(port)],
+                            env=environ, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"ddim-serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ddim-serve not ready after {ready_timeout} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
