@@ -18,7 +18,11 @@ class Settings(BaseSettings):
     default_model: str = Field("fashion-mnist", description="used when a request names none "
                                "(falls back to the first model in the store)")
     device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device string")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32")
+    channels_last: bool = Field(False, description="channels_last memory format for the eps-network")
+    compile: bool = Field(False, description="torch.compile one graph per batch bucket at warm-up")
+    compile_budget_seconds: float = Field(600.0, ge=0, description="warm-up time allowed for compiling")
     allow_pickle: bool = Field(False, description="load pickled .bin weights (runs code from the file)")
 
     host: str = "127.0.0.1"

@@ -84,7 +84,7 @@ class ActiveBatch:
         if not self.stochastic or self.x is None:
             return None
         shape = (1, *self.x.shape[1:])
-        noise = torch.zeros(self.x.shape, dtype=torch.float32)
+        noise = torch.zeros(self.x.shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
         for i in self.stochastic:
             r = self.rows[i]
             noise[i] = torch.randn(shape, generator=r.job.generators[r.index])[0]  # type: ignore[index]

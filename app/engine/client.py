@@ -64,7 +64,11 @@ class Engine:
         if not names:
             raise ModelStoreError(f"{s.model_store}: no model folders found")
         for name in names:
-            model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle)
+            model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                               channels_last=s.channels_last)
+            if s.compile:
+                budget = max(0.0, s.compile_budget_seconds - (time.monotonic() - started))
+                model.forward.compile(s.max_batch_size, budget, model.sample_shape)
             if s.warmup:
                 for b in sorted({1, s.max_batch_size}):
                     model.eps(torch.zeros(b, *model.sample_shape, device=device), torch.full((b,), 500))

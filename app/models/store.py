@@ -18,6 +18,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
+from app.models.fast import Forward, bf16_supported
 from app.sampling.schedules import ScheduleError, alphas_cumprod_from_config
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     path: Path
+    channels_last: bool = False
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -138,10 +140,12 @@ class LoadedModel:
             return "trained_betas"
         return str(self.scheduler_config.get("beta_schedule", "linear"))
 
+    def __post_init__(self) -> None:
+        self.forward = Forward(self.unet, self.device, self.dtype, channels_last=self.channels_last)
+
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network output (eps, x0 or v, as prediction_type says) in float32."""
-        with torch.inference_mode():
-            return self.unet(x.to(self.device, self.dtype), t.to(self.device)).sample.float()
+        """The network output (eps, x0 or v, as prediction_type says) in float32, on the model's device."""
+        return self.forward(x, t)
 
     def info(self) -> dict[str, Any]:
         c, h, w = self.sample_shape
@@ -153,8 +157,14 @@ class LoadedModel:
 
 
 def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "float32",
-               allow_pickle: bool = False, name: str | None = None) -> LoadedModel:
-    """Load one model folder; every failure is a ModelStoreError naming the file."""
+               allow_pickle: bool = False, name: str | None = None, channels_last: bool = False) -> LoadedModel:
+    """Load one model folder; every failure is a ModelStoreError naming the file.
+
+    dtype "auto" is bfloat16 where it pays off (see fast.bf16_supported), else float32.
+    """
+    dev = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16_supported(dev) else "float32"
     if dtype not in DTYPES:
         raise ModelStoreError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not root.is_dir():
@@ -179,11 +189,11 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         first = str(e).splitlines()[:4]
         raise ModelStoreError(f"{files.weights}: weights do not fit {files.unet_config}: "
                               + " ".join(s.strip() for s in first)) from e
-    dev = torch.device(device)
     unet = unet.to(dev).eval().requires_grad_(False)
     if dtype != "float32":
         unet = unet.to(DTYPES[dtype])
-    return LoadedModel(name or root.name, unet, sched, alphas_cumprod.to(dev), dev, DTYPES[dtype], root)
+    return LoadedModel(name or root.name, unet, sched, alphas_cumprod.to(dev), dev, DTYPES[dtype], root,
+                       channels_last=channels_last)
 
 
 def discover(store: Path) -> list[str]:
