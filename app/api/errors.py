@@ -21,6 +21,10 @@ class NotReady(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client disconnected before its result was ready; the job was cancelled."""
+
+
 class NotAcceptable(Exception):
     def __init__(self, accept: str, offered: list[str]) -> None:
         super().__init__(f"cannot produce {accept!r}; this endpoint offers {', '.join(offered)}")
@@ -83,6 +87,11 @@ def install(app: FastAPI) -> None:
     async def _not_acceptable(request: Request, exc: NotAcceptable) -> JSONResponse:
         _reject(request, "not_acceptable")
         return error_response(406, str(exc))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> JSONResponse:
+        _reject(request, "client_gone")
+        return error_response(499, "client closed the request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app.api.codecs import b64decode, b64encode, decode_image, decode_npy
-from app.api.errors import NotReady
+from app.api.errors import ClientGone, NotReady
 from app.api.negotiate import GIF, JSON, NPY, PNG, negotiate
 from app.api.schemas import Endpoint, GenerateRequest, InterpolateRequest, InvertRequest
 from app.config import Settings
@@ -46,8 +46,15 @@ def _model(engine: Engine, request: Request, name: str | None) -> LoadedModel:
 
 
 async def _run(engine: Engine, request: Request, model: LoadedModel, job: SampleJob) -> torch.Tensor:
-    """Run a job; its queue time adds to the request's log line."""
-    result = await engine.run(model, job)
+    """Run a job, cancelling it if the client goes away; its queue time adds to the request's log line."""
+    run = asyncio.ensure_future(engine.run(model, job))
+    while not run.done():
+        await asyncio.wait({run}, timeout=0.5)
+        if not run.done() and await request.is_disconnected():
+            run.cancel()  # engine.run cancels the job in the worker
+            await asyncio.gather(run, return_exceptions=True)
+            raise ClientGone()
+    result = run.result()
     request.state.queue_seconds = getattr(request.state, "queue_seconds", 0.0) + result.queue_seconds
     return result.x
 

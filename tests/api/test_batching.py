@@ -76,3 +76,15 @@ def test_given_latents_run_as_given(client: httpx.Client) -> None:
     replay = client.post(GEN, json={"model": "tiny", "n": 2, "steps": 8, "x_T": first["x_T"],
                                     "return_latents": True}).json()
     np.testing.assert_allclose(npy(replay["x_0"]), npy(first["x_0"]), rtol=0, atol=1e-5)
+
+
+def test_a_client_that_goes_away_frees_its_slots(server: str, client: httpx.Client) -> None:
+    try:
+        httpx.post(f"{server}{GEN}", json={"model": "tiny", "n": 4, "steps": 1000}, timeout=0.5)
+    except httpx.TimeoutException:
+        pass
+    deadline = time.monotonic() + 10
+    while any(m["active"] or m["waiting"] for m in client.get("/models").json()["models"]):
+        assert time.monotonic() < deadline, "the abandoned job kept running"
+        time.sleep(0.05)
+    assert 'ddim_requests_rejected_total{reason="client_gone"}' in client.get("/metrics").text
