@@ -88,6 +88,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.eval.classifier import ClassifierTraining, train_classifier
+
+    torch.set_num_threads(args.threads)
+    cfg = ClassifierTraining(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    info = train_classifier(cfg, Path(args.out))
+    print(f"classifier: test accuracy {info['test_accuracy']:.2%}, {info['wall_seconds']:.0f} s, "
+          f"{int(info['parameters']):,} parameters -> {args.out}")
+    return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.eval.quality import EvalConfig
+    from app.eval.run import EvalPaths, run_eval
+
+    torch.set_num_threads(args.threads)
+    store = Path(args.model_store or os.environ.get("DDIM_MODEL_STORE", "model_store"))
+    cfg = EvalConfig(n=args.n, n_long=args.n_long, n_recon=args.n_recon, n_balance=args.n_balance,
+                     batch_size=args.batch_size, steps=_ints(args.steps), long_steps=_ints(args.long_steps),
+                     recon_steps=_ints(args.recon_steps))
+    paths = EvalPaths(model_dir=store / args.model, out=Path(args.out),
+                      cache=Path(args.cache) if args.cache else None, card=args.card, device=args.device)
+    try:
+        run_eval(paths, cfg, args.threads)
+    except ValueError as e:  # a model the Fashion-MNIST evaluator cannot read
+        raise SystemExit(f"ddim: error: {e}") from e
+    except KeyboardInterrupt:
+        print("ddim eval: interrupted; finished batches are cached, run the same command to resume", file=sys.stderr)
+        return 130
+    print(f"wrote {args.out}" + (f" and {paths.model_dir / 'README.md'}" if args.card else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir")
     e.add_argument("--out", default="model_store/fashion-mnist")
     e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier of FID-FMNIST")
+    c.add_argument("--out", default="app/eval/weights/fmnist_classifier.safetensors")
+    c.add_argument("--epochs", type=int, default=8)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=1, help="torch threads (1 makes the run deterministic)")
+    c.set_defaults(func=cmd_train_classifier)
+
+    q = sub.add_parser("eval", help="Table 1 (FID-FMNIST) and Table 2 (reconstruction) of the DDIM paper; resumable")
+    q.add_argument("--model", default="fashion-mnist", help="model folder name")
+    q.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
+    q.add_argument("--n", type=int, default=400, help="samples per Table 1 cell for the short S")
+    q.add_argument("--n-long", type=int, default=64, help="samples per cell for the long S (1000)")
+    q.add_argument("--n-recon", type=int, default=32, help="test images per Table 2 cell")
+    q.add_argument("--n-balance", type=int, default=500, help="samples of the class-balance check")
+    q.add_argument("--steps", default="10,20,50,100", help="Table 1's S, all five rows")
+    q.add_argument("--long-steps", default="1000", help="Table 1's long S (eta = 0 and sigma-hat only)")
+    q.add_argument("--recon-steps", default="10,20,50,100,200,500,1000", help="Table 2's S")
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--threads", type=int, default=1, help="torch threads")
+    q.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto, for the eps-model")
+    q.add_argument("--out", default="docs/quality.md", help="the report; pictures go to its folder's img/")
+    q.add_argument("--cache", help="resume file (default ~/.cache/ddim-serve/eval/MODEL.json)")
+    q.add_argument("--card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the model card MODEL_STORE/MODEL/README.md")
+    q.set_defaults(func=cmd_eval)
     return p
 
 
