@@ -43,7 +43,8 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     for e in exc.errors():
         if e.get("type") == "json_invalid":
             reason = (e.get("ctx") or {}).get("error", "")
-            out.append({"field": "body", "msg": f"body is not valid JSON: {reason}".strip(": "), "type": "json_invalid"})
+            msg = f"body is not valid JSON: {reason}".strip(": ")
+            out.append({"field": "body", "msg": msg, "type": "json_invalid"})
             continue
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         out.append({"field": ".".join(loc) or "body", "msg": e.get("msg", "invalid"), "type": e.get("type")})
@@ -76,7 +77,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def _full(request: Request, exc: QueueFull) -> JSONResponse:
         _reject(request, "queue_full")
-        return error_response(429, str(exc), {"Retry-After": str(int(round(exc.retry_after)))})
+        return error_response(429, str(exc), {"Retry-After": str(round(exc.retry_after))})
 
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:

@@ -165,7 +165,7 @@ class BatchWorker:
                 continue
             try:
                 self.step()
-            except Exception as e:  # noqa: BLE001 -- a failed forward fails its batch, not the worker
+            except Exception as e:
                 log.exception("step failed on model %s; failing %d active samples", self.model.name, len(self.batch))
                 self._fail_active(e)
         with self._cond:

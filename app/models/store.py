@@ -93,7 +93,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any decoder failure is a broken file
+    except Exception as e:
         raise ModelStoreError(f"{path}: cannot read weights ({e})") from e
     renamed = {}
     for k, v in state.items():
@@ -181,7 +181,7 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         raise ModelStoreError(f"{files.scheduler_config}: unknown prediction_type {prediction!r}")
     try:
         unet = UNet2DModel.from_config(config)
-    except Exception as e:  # noqa: BLE001 -- diffusers raises many kinds for a bad config
+    except Exception as e:
         raise ModelStoreError(f"{files.unet_config}: not a UNet2DModel config ({e})") from e
     try:
         unet.load_state_dict(_load_state_dict(files.weights), strict=True)

@@ -144,5 +144,8 @@ def export(workdir: Path, out: Path) -> dict:
     unet = UNet2DModel(**cfg["unet"])
     unet.load_state_dict(state["ema"])
     write_model_folder(out, unet, {k: v for k, v in cfg["scheduler"].items() if k != "_class_name"})
-    return {"step": state["step"], "wall_seconds": state["wall"],
+    info = {"step": state["step"], "wall_seconds": round(state["wall"], 1), "batch_size": cfg["batch_size"],
+            "lr": cfg["lr"], "ema_decay": cfg["ema_decay"], "seed": cfg["seed"],
             "parameters": sum(p.numel() for p in unet.parameters())}
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

@@ -92,7 +92,8 @@ def test_grafana_loads_the_provisioned_dashboards() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool on PATH (apt-get install prometheus)")
 def test_prometheus_config_is_one_prometheus_accepts() -> None:
     config = REPO / "deploy/prometheus/prometheus.yml"
-    done = subprocess.run(["promtool", "check", "config", "--syntax-only", str(config)], check=False, capture_output=True,
+    done = subprocess.run(["promtool", "check", "config", "--syntax-only", str(config)], check=False,
+                          capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     job = yaml.safe_load(config.read_text())["scrape_configs"][0]

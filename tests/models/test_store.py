@@ -97,7 +97,8 @@ def _break(folder: Path, case: str) -> tuple[str, str]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing model_index", "missing unet config", "missing weights", "missing scheduler", "bad json",
+@pytest.mark.parametrize("case", ["missing model_index", "missing unet config", "missing weights", "missing scheduler",
+                                  "bad json",
                                   "bad model_index json", "unknown beta schedule", "weights do not fit",
                                   "corrupt weights", "unknown prediction type"])
 def test_broken_folders_name_file_and_problem(folder: Path, case: str) -> None:

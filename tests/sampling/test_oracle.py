@@ -6,6 +6,8 @@ E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -38,5 +40,5 @@ def test_inversion_then_generation_reconstructs_and_improves_with_S() -> None:
         seq = timestep_sequence(steps, 1000)
         back = sample(optimal_eps, invert(optimal_eps, x0, AC, seq), AC, seq)
         errors.append(((back - x0).norm() / x0.norm()).item())
-    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert all(later < earlier for earlier, later in itertools.pairwise(errors)), errors
     assert errors[-1] <= 0.01, errors

@@ -40,7 +40,7 @@ def test_sequences_match_diffusers(spacing: str, diffusers_spacing: str, S: int)
 def test_sequences_have_exactly_S_distinct_steps(spacing: str, S: int) -> None:
     seq = timestep_sequence(S, 1000, spacing)
     assert len(seq) == S and seq.dtype == torch.int64
-    assert bool((seq[1:] > seq[:-1]).all()) and 0 <= int(seq[0]) and int(seq[-1]) <= 999
+    assert bool((seq[1:] > seq[:-1]).all()) and int(seq[0]) >= 0 and int(seq[-1]) <= 999
 
 
 def test_uniform_is_the_papers_linear_skip_and_quadratic_the_official_code() -> None:
