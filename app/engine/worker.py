@@ -42,6 +42,11 @@ class BatchWorker:
         self._cancel_pending = False
         self._thread = threading.Thread(target=self._run, name=f"worker-{model.name}", daemon=True)
         self._step_seconds = 0.0  # moving average, for Retry-After
+        name = model.name
+        self._batch_size = metrics.batch_size.labels(name)
+        self._forward_seconds = metrics.forward_seconds.labels(name)
+        self._sample_steps = metrics.sample_steps.labels(name)
+        self._queue_wait = metrics.queue_wait.labels(name)
 
     # -- the interface callers see -------------------------------------------------------------
     def start(self) -> None:
@@ -97,7 +102,7 @@ class BatchWorker:
         for r in rows:
             if r.job.first_step_at is None:
                 r.job.first_step_at = now
-            self.metrics.queue_wait.labels(self.model.name).observe(now - r.job.submitted_at)
+            self._queue_wait.observe(now - r.job.submitted_at)
         self.batch.add(rows)
 
     def _drop_cancelled(self) -> None:
@@ -123,15 +128,16 @@ class BatchWorker:
         noise = b.noise()
         started = time.perf_counter()
         out = self.model.eps(b.x, t)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)  # time the forward, not its launch
         forward = time.perf_counter() - started
         x_next = generalized_step(b.x, out, alpha, alpha_next, sigma, noise_std,
                                   prediction_type=self.model.prediction_type, clip_denoised=b.clip,
                                   noise=noise).prev_sample
         self.forwards += 1
-        name = self.model.name
-        self.metrics.batch_size.labels(name).observe(len(b))
-        self.metrics.forward_seconds.labels(name).observe(forward)
-        self.metrics.sample_steps.labels(name).inc(len(b))
+        self._batch_size.observe(len(b))
+        self._forward_seconds.observe(forward)
+        self._sample_steps.inc(len(b))
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
         for row in b.advance(x_next):
             job = row.job
