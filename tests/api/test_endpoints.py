@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -92,3 +95,20 @@ def test_interpolate_json_gif_png_and_endpoint_equalities(client: httpx.Client) 
     res2 = client.post("/interpolate", json={**body, "start": {"x_T": npy_b64(lat[:1])},
                                              "end": {"image": res["images"][-1]}, "method": "lerp"}).json()
     assert np.abs(np.asarray(png(res2["images"][0]), dtype=int) - frames[0]).max() <= 1
+
+
+def test_request_id_is_echoed_and_logged_as_one_json_line(server: str, client: httpx.Client) -> None:
+    r = client.post("/generate", json={"model": "tiny", "n": 2, "steps": 4, "eta": 0.5, "seed": 1},
+                    headers={"x-request-id": "req-abc-123"})
+    assert r.headers["x-request-id"] == "req-abc-123"
+    generated = client.post("/generate", json={"steps": 0}).headers["x-request-id"]
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddim-serve-{server.rsplit(':', 1)[1]}.log"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    mine = [x for x in lines if x.get("request_id") == "req-abc-123"]
+    assert len(mine) == 1
+    entry = mine[0]
+    assert {k: entry[k] for k in ("endpoint", "model", "n", "steps", "eta", "status")} == {
+        "endpoint": "/generate", "model": "tiny", "n": 2, "steps": 4, "eta": 0.5, "status": 200}
+    assert 0 <= entry["queue_seconds"] <= entry["total_seconds"]
+    assert any(x.get("request_id") == generated and x["status"] == 422 for x in lines)
