@@ -1,5 +1,8 @@
 # ddim-serve: `make serve` starts the service with the bundled model, `make test` runs the tests.
 PYTHON ?= python3
+# extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" where the
+# default index would give a CUDA build
+TORCH_PIP_ARGS ?=
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
@@ -10,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# the CPU build of torch first, so that nothing pulls a CUDA build (see README for GPUs)
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 def _default_workdir(name: str) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -40,7 +42,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
     clip = model.clip_sample if args.clip is None else args.clip
     x0 = sample(model.eps, x_T, model.alphas_cumprod, seq, eta=args.eta, large=args.variance == "large",
-                prediction_type=model.prediction_type, clip_denoised=clip, generators=gens, progress=True)
+                prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
+                progress=lambda steps: tqdm(steps, desc="sample", leave=False))
     grid(pil_images(x0)).save(args.out)
     if args.latents_out:
         Path(args.latents_out).write_bytes(npy_bytes(x0))
@@ -60,7 +63,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
     x0 = torch.stack([to_model_space(Image.open(p), model.sample_shape) for p in args.images])
     seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
     x_T = invert(model.eps, x0.to(model.device), model.alphas_cumprod, seq,
-                 prediction_type=model.prediction_type, progress=True)
+                 prediction_type=model.prediction_type,
+                 progress=lambda steps: tqdm(steps, desc="invert", leave=False))
     Path(args.out).write_bytes(npy_bytes(x_T))
     print(f"wrote x_T of shape {tuple(x_T.shape)} to {args.out}")
     return 0

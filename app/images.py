@@ -53,7 +53,16 @@ def npy_bytes(x: torch.Tensor) -> bytes:
 
 
 def from_npy_bytes(data: bytes) -> np.ndarray:
-    """Parse .npy bytes without ever unpickling."""
+    """Parse .npy bytes without ever unpickling, and without trusting the header's size."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if need > len(data) - buf.tell():
+        raise ValueError(f"the header promises {need} bytes of data, the payload holds {len(data) - buf.tell()}")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 

@@ -23,3 +23,15 @@ def setup(json_lines: bool = True, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def setup_request_log() -> None:
+    """JSON lines for ddim's own loggers even when the server was started by plain uvicorn."""
+    for name in ("ddim", "app"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers + logging.getLogger().handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(JsonFormatter())
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False

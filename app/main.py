@@ -30,6 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.log_json:
+            logs.setup_request_log()
+
         async def load() -> None:
             try:
                 await asyncio.to_thread(engine.load)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import warnings
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ def decode_npy(data: str, field: str) -> torch.Tensor:
     raw = b64decode(data, field)
     try:
         arr = from_npy_bytes(raw)
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, MemoryError) as e:
         raise InvalidRequest(field, f"{field} is not a readable .npy array ({e})") from e
     if arr.dtype.kind not in "fiu":
         raise InvalidRequest(field, f"{field} must be a numeric array, got dtype {arr.dtype}")
@@ -47,15 +46,12 @@ def decode_npy(data: str, field: str) -> torch.Tensor:
 def decode_image(raw: bytes, field: str, shape: tuple[int, int, int], max_pixels: int) -> torch.Tensor:
     """PNG/JPEG bytes -> [C, H, W] in [-1, 1], resized and centre-cropped to the model's shape."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            if image.width * image.height > max_pixels:
-                raise PayloadTooLarge(field, f"{field} has {image.width}x{image.height} pixels; "
-                                      f"the limit is {max_pixels}")
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+        if image.width * image.height > max_pixels:
+            raise PayloadTooLarge(field, f"{field} has {image.width}x{image.height} pixels; the limit is {max_pixels}")
+        image.load()
+        return to_model_space(image, shape)
+    except Image.DecompressionBombError as e:
         raise PayloadTooLarge(field, f"{field} is too large to decode ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
         raise InvalidRequest(field, f"{field} cannot be decoded as an image ({e})") from e
-    return to_model_space(image, shape)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import ValidationError
 
 from app.api.codecs import b64decode, b64encode, decode_image, decode_npy
@@ -85,6 +86,20 @@ async def models(engine: EngineDep) -> dict[str, Any]:
     return {"models": out}
 
 
+def _generate_response(accept: str, out: dict[str, Any], x_T: torch.Tensor, x_0: torch.Tensor,
+                       return_latents: bool) -> Any:
+    """Encode a generation (CPU work: run it off the event loop)."""
+    if accept == PNG:
+        images = pil_images(x_0)
+        return Response(png_bytes(images[0] if len(images) == 1 else grid(images)), media_type=PNG)
+    if accept == NPY:
+        return Response(npy_bytes(x_0), media_type=NPY)
+    out["images"] = _png_list(x_0)
+    if return_latents:
+        out["x_T"], out["x_0"] = b64encode(npy_bytes(x_T)), b64encode(npy_bytes(x_0))
+    return out
+
+
 @router.post("/generate", responses={200: {"content": {PNG: {}, NPY: {}}}})
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     accept = negotiate(request, [JSON, PNG, NPY])
@@ -93,42 +108,42 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
     if body.n > settings.max_n:
         raise InvalidRequest("n", f"n must be at most {settings.max_n} on this server")
     x_T = decode_npy(body.x_T, "x_T") if body.x_T is not None else None
-    job, seed = engine.generate_job(model, n=body.n, steps=body.steps, eta=body.eta, large=body.variance == "large",
-                                    schedule=body.schedule, seed=body.seed, x_T=x_T, clip=body.clip_denoised)
+    job, seed = await asyncio.to_thread(
+        engine.generate_job, model, n=body.n, steps=body.steps, eta=body.eta, large=body.variance == "large",
+        schedule=body.schedule, seed=body.seed, x_T=x_T, clip=body.clip_denoised)
     start = job.x.clone()
     x_0 = await _run(engine, request, model, job)
-    if accept == PNG:
-        images = pil_images(x_0)
-        return Response(png_bytes(images[0] if body.n == 1 else grid(images)), media_type=PNG)
-    if accept == NPY:
-        return Response(npy_bytes(x_0), media_type=NPY)
-    out: dict[str, Any] = {"model": model.name, "seed": seed, "n": body.n, "steps": body.steps, "eta": body.eta,
-                           "variance": body.variance, "schedule": body.schedule, "images": _png_list(x_0)}
-    if body.return_latents:
-        out["x_T"], out["x_0"] = b64encode(npy_bytes(start)), b64encode(npy_bytes(x_0))
-    return out
+    out = {"model": model.name, "seed": seed, "n": body.n, "steps": body.steps, "eta": body.eta,
+           "variance": body.variance, "schedule": body.schedule}
+    return await asyncio.to_thread(_generate_response, accept, out, start, x_0, body.return_latents)
 
 
 async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes]]:
     """JSON {images: [base64]} or a multipart form with files (other fields as form fields)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
-        files = [await f.read() for f in form.getlist("files") if hasattr(f, "read")]
-        fields = {k: v for k, v in form.items() if k != "files"}
         try:
-            body = InvertRequest.model_validate({**fields, "images": ["-"] * len(files)})
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from e
-        return body, files
-    try:
-        data = await request.json()
-    except ValueError as e:
-        raise InvalidRequest("body", f"body is not valid JSON ({e})") from e
+            async with request.form() as form:
+                files = [await f.read() for f in form.getlist("files") if hasattr(f, "read")]
+                fields = {k: v for k, v in form.items() if k != "files"}
+        except (StarletteHTTPException, ValueError) as e:
+            raise InvalidRequest("files", f"the multipart form cannot be read ({getattr(e, 'detail', e)})") from e
+        data: Any = {**fields, "images": ["-"] * len(files)}
+    else:
+        try:
+            data = await request.json()
+        except ValueError as e:
+            raise InvalidRequest("body", f"body is not valid JSON ({e})") from e
+        files = None
     try:
         body = InvertRequest.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from e
-    return body, [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)]
+    return body, files if files is not None else [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)]
+
+
+def _decode_images(raws: list[bytes], field: str, model: LoadedModel, max_pixels: int) -> torch.Tensor:
+    return torch.stack([decode_image(r, f"{field}.{i}" if len(raws) > 1 or field == "images" else field,
+                                     model.sample_shape, max_pixels) for i, r in enumerate(raws)])
 
 
 @router.post("/invert", responses={200: {"content": {NPY: {}}}})
@@ -139,8 +154,7 @@ async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     model = _model(engine, request, body.model)
     if len(raws) > settings.max_n:
         raise InvalidRequest("images", f"at most {settings.max_n} images per request on this server")
-    images = torch.stack([decode_image(r, f"images.{i}", model.sample_shape, settings.max_image_pixels)
-                          for i, r in enumerate(raws)])
+    images = await asyncio.to_thread(_decode_images, raws, "images", model, settings.max_image_pixels)
     x_T = await _run(engine, request, model, engine.invert_job(model, images, steps=body.steps,
                                                                schedule=body.schedule))
     if accept == NPY:
@@ -152,21 +166,33 @@ async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> 
                                      schedule=body.schedule, seed=None, x_T=x_T, endpoint="invert")
         rec = await _run(engine, request, model, job)
         mse = (((rec.clamp(-1, 1) - images) / 2) ** 2).flatten(1).mean(1)
-        out["reconstruction"], out["reconstruction_mse"] = _png_list(rec), mse.tolist()
+        out["reconstruction"] = await asyncio.to_thread(_png_list, rec)
+        out["reconstruction_mse"] = mse.tolist()
     return out
 
 
-async def _latent(engine: Engine, request: Request, model: LoadedModel, end: Endpoint, field: str,
-                  body: InterpolateRequest, settings: Settings) -> torch.Tensor:
+def _end_input(engine: Engine, model: LoadedModel, end: Endpoint, field: str, max_pixels: int) -> torch.Tensor:
+    """Decode and check one end: a latent [C, H, W] (seed or x_T), or an image [1, C, H, W] to invert."""
     if end.seed is not None:
         return draw(sample_generators(end.seed, 1), model.sample_shape)[0]
     if end.x_T is not None:
         x = decode_npy(end.x_T, f"{field}.x_T")
         return engine.check_latents(model, x[None] if x.dim() == 3 else x, 1, f"{field}.x_T")[0]
-    image = decode_image(b64decode(str(end.image), f"{field}.image"), f"{field}.image", model.sample_shape,
-                         settings.max_image_pixels)
-    job = engine.invert_job(model, image[None], steps=body.steps, schedule=body.schedule)
-    return (await _run(engine, request, model, job))[0]
+    raw = b64decode(str(end.image), f"{field}.image")
+    return _decode_images([raw], f"{field}.image", model, max_pixels)
+
+
+def _interpolate_response(accept: str, out: dict[str, Any], frames: torch.Tensor, latents: torch.Tensor,
+                          return_latents: bool) -> Any:
+    images = pil_images(frames)
+    if accept == GIF:
+        return Response(gif_bytes(images), media_type=GIF)
+    if accept == PNG:
+        return Response(png_bytes(grid(images, ncols=len(images))), media_type=PNG)
+    out["images"] = [b64encode(png_bytes(im)) for im in images]
+    if return_latents:
+        out["x_T"] = b64encode(npy_bytes(latents))
+    return out
 
 
 @router.post("/interpolate", responses={200: {"content": {GIF: {}, PNG: {}}}})
@@ -177,19 +203,17 @@ async def interpolate(body: InterpolateRequest, request: Request, engine: Engine
     if body.frames > settings.max_n:
         raise InvalidRequest("frames", f"frames must be at most {settings.max_n} on this server")
     engine.check_steps(model, body.steps, body.schedule)
-    x0, x1 = await asyncio.gather(_latent(engine, request, model, body.start, "start", body, settings),
-                                  _latent(engine, request, model, body.end, "end", body, settings))
+    # both ends are decoded and checked before any work is queued
+    ends = [await asyncio.to_thread(_end_input, engine, model, end, field, settings.max_image_pixels)
+            for end, field in ((body.start, "start"), (body.end, "end"))]
+    jobs = {i: engine.invert_job(model, x, steps=body.steps, schedule=body.schedule, endpoint="interpolate")
+            for i, x in enumerate(ends) if x.dim() == 4}
+    inverted = await asyncio.gather(*(_run(engine, request, model, j) for j in jobs.values()))
+    x0, x1 = (dict(zip(jobs, (x[0] for x in inverted))).get(i, ends[i]) for i in (0, 1))
     latents = engine.interpolate(x0, x1, body.frames, body.method)
     job, _ = engine.generate_job(model, n=body.frames, steps=body.steps, eta=0.0, large=False, schedule=body.schedule,
                                  seed=None, x_T=latents, endpoint="interpolate")
-    images = pil_images(await _run(engine, request, model, job))
-    if accept == GIF:
-        return Response(gif_bytes(images), media_type=GIF)
-    if accept == PNG:
-        return Response(png_bytes(grid(images, ncols=len(images))), media_type=PNG)
-    out: dict[str, Any] = {"model": model.name, "frames": body.frames, "steps": body.steps,
-                           "schedule": body.schedule, "method": body.method,
-                           "images": [b64encode(png_bytes(im)) for im in images]}
-    if body.return_latents:
-        out["x_T"] = b64encode(npy_bytes(latents))
-    return out
+    frames = await _run(engine, request, model, job)
+    out = {"model": model.name, "frames": body.frames, "steps": body.steps, "schedule": body.schedule,
+           "method": body.method}
+    return await asyncio.to_thread(_interpolate_response, accept, out, frames, latents, body.return_latents)

@@ -27,15 +27,16 @@ class ActiveBatch:
     def __init__(self, alphas_cumprod: torch.Tensor, device: torch.device) -> None:
         self.device = device
         # alpha-bar indexed by level + 1, so that level -1 (the clean end) reads 1
+        self.coef_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.alpha_table = torch.cat([torch.ones(1, dtype=torch.float64),
-                                      alphas_cumprod.double().cpu()]).to(device)
+                                      alphas_cumprod.double().cpu()]).to(device, self.coef_dtype)
         self.rows: list[Row] = []
         self.x: torch.Tensor | None = None
         self.levels = torch.empty(0, 1, dtype=torch.long, device=device)
         self.model_t = torch.empty(0, 1, dtype=torch.long, device=device)
         self.pos = torch.empty(0, dtype=torch.long, device=device)
         self.n_steps = torch.empty(0, dtype=torch.long, device=device)
-        self.eta = torch.empty(0, dtype=torch.float64, device=device)
+        self.eta = torch.empty(0, dtype=self.coef_dtype, device=device)
         self.large = torch.empty(0, dtype=torch.bool, device=device)
         self.clip = torch.empty(0, dtype=torch.bool, device=device)
         self.stochastic: list[int] = []
@@ -58,7 +59,7 @@ class ActiveBatch:
         self.model_t = torch.cat([pad(self.model_t, width), torch.stack([pad(p[1], width) for p in paths]).to(dev)])
         self.pos = torch.cat([self.pos, torch.zeros(len(rows), dtype=torch.long, device=dev)])
         self.n_steps = torch.cat([self.n_steps, torch.tensor([r.job.steps for r in rows], device=dev)])
-        self.eta = torch.cat([self.eta, torch.tensor([r.job.eta for r in rows], dtype=torch.float64, device=dev)])
+        self.eta = torch.cat([self.eta, torch.tensor([r.job.eta for r in rows], dtype=self.coef_dtype, device=dev)])
         self.large = torch.cat([self.large, torch.tensor([r.job.large for r in rows], device=dev)])
         self.clip = torch.cat([self.clip, torch.tensor([r.job.clip_denoised for r in rows], device=dev)])
         self.rows.extend(rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -30,14 +29,6 @@ class InvalidRequest(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
-
-
-@dataclass(frozen=True)
-class Generated:
-    x_T: torch.Tensor
-    x_0: torch.Tensor
-    seed: int | None
-    result: JobResult
 
 
 class Engine:
@@ -119,6 +110,7 @@ class Engine:
                      endpoint: str = "generate") -> tuple[SampleJob, int | None]:
         """A validated generation job; the seed (chosen at random if None) is returned with it."""
         seq = self.check_steps(model, steps, schedule)
+        self._check_n(n, "n")
         stochastic = eta > 0 or large
         gens = None
         if x_T is None or stochastic:
@@ -134,10 +126,20 @@ class Engine:
                         generators=gens if stochastic else None, endpoint=endpoint)
         return job, seed
 
-    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str) -> SampleJob:
+    def _check_n(self, n: int, field: str) -> None:
+        if n > self.settings.max_queue:
+            raise InvalidRequest(field, f"{n} samples can never fit this server's queue of "
+                                        f"{self.settings.max_queue}; split the request")
+
+    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str,
+                   endpoint: str = "invert") -> SampleJob:
+        if model.prediction_type == "sample":
+            raise InvalidRequest("model", f"model {model.name!r} predicts x0 ('sample'); DDIM inversion needs an "
+                                          "eps or v prediction, since eps is undefined at the clean start")
         seq = self.check_steps(model, steps, schedule)
+        self._check_n(images.shape[0], "images")
         return SampleJob("invert", self.check_latents(model, images, images.shape[0], "images"), seq,
-                         endpoint="invert")
+                         endpoint=endpoint)
 
     async def run(self, model: LoadedModel, job: SampleJob) -> JobResult:
         """Submit and await; a cancelled await (client gone) cancels the job in the worker."""
@@ -155,5 +157,4 @@ class Engine:
     def interpolate(x0: torch.Tensor, x1: torch.Tensor, frames: int, method: str) -> torch.Tensor:
         """frames latents from x0 to x1 (both [C, H, W]), endpoints included."""
         f = slerp if method == "slerp" else lerp
-        alphas = [i / (frames - 1) for i in range(frames)] if frames > 1 else [0.0]
-        return torch.stack([f(x0, x1, a) for a in alphas])
+        return torch.stack([f(x0, x1, i / (frames - 1)) for i in range(frames)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import InvalidStateError
 import time
 from collections import deque
 from typing import Literal
@@ -16,7 +17,7 @@ from typing import Literal
 import torch
 
 from app.engine.batch import ActiveBatch, Row
-from app.engine.jobs import JobCancelled, JobResult, QueueFull, SampleJob
+from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob
 from app.metrics import Metrics
 from app.models import LoadedModel
 from app.sampling import generalized_step
@@ -36,7 +37,6 @@ class BatchWorker:
         self.batching = batching
         self.waiting: deque[Row] = deque()
         self.batch = ActiveBatch(model.alphas_cumprod, model.device)
-        self.forwards = 0
         self._cond = threading.Condition()
         self._stop = False
         self._cancel_pending = False
@@ -64,6 +64,7 @@ class BatchWorker:
             load = len(self.waiting) + len(self.batch)
             if load + job.n > self.max_queue:
                 raise QueueFull(self.model.name, self.retry_after())
+            job.future.set_running_or_notify_cancel()  # from now on only cancel() stops it
             self.waiting.extend(Row(job, i) for i in range(job.n))
             self._gauges()
             self._cond.notify()
@@ -116,8 +117,7 @@ class BatchWorker:
             self.batch.keep(torch.tensor([not r.job.cancelled for r in self.batch.rows]))
         self.waiting = deque(r for r in self.waiting if not r.job.cancelled)
         for job in cancelled.values():
-            if not job.future.done():
-                job.future.set_exception(JobCancelled(f"job {job.id} was cancelled"))
+            _resolve(job, error=JobCancelled(f"job {job.id} was cancelled"))
 
     def step(self) -> None:
         """One forward over all active samples, then each sample's own update."""
@@ -134,23 +134,23 @@ class BatchWorker:
         x_next = generalized_step(b.x, out, alpha, alpha_next, sigma, noise_std,
                                   prediction_type=self.model.prediction_type, clip_denoised=b.clip,
                                   noise=noise).prev_sample
-        self.forwards += 1
         self._batch_size.observe(len(b))
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(b))
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
-        for row in b.advance(x_next):
+        finished = b.advance(x_next)
+        self._gauges()  # before any result is out, so a client never reads a stale gauge
+        for row in finished:
             job = row.job
             job.remaining -= 1
-            if job.remaining == 0 and not job.future.done():
+            if job.remaining == 0:
                 now = time.monotonic()
                 first = job.first_step_at or now
-                job.future.set_result(JobResult(job.out, first - job.submitted_at, now - first))
+                _resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
 
     def _fail_active(self, error: BaseException) -> None:
         for job in {id(r.job): r.job for r in self.batch.rows}.values():
-            if not job.future.done():
-                job.future.set_exception(error)
+            _resolve(job, error=error)
         self.batch.keep(torch.zeros(len(self.batch), dtype=torch.bool))
 
     def _gauges(self) -> None:
@@ -159,25 +159,36 @@ class BatchWorker:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._stop and not self.waiting and not len(self.batch):
-                    self._cond.wait()
-                if self._stop:
-                    break
-                self._drop_cancelled()
-                self._admit()
-                self._gauges()
-            if not len(self.batch):
-                continue
             try:
-                self.step()
-            except Exception as e:
+                with self._cond:
+                    while not self._stop and not self.waiting and not len(self.batch):
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    self._drop_cancelled()
+                    self._admit()
+                    self._gauges()
+                if len(self.batch):
+                    self.step()
+            except Exception as e:  # a failed step fails the samples it held, never the worker
                 log.exception("step failed on model %s; failing %d active samples", self.model.name, len(self.batch))
-                self._fail_active(e)
+                self._fail_active(EngineError(f"sampling failed on model {self.model.name!r}: {e}"))
+                self._gauges()
         with self._cond:
-            error = RuntimeError("the server is shutting down")
+            error = EngineError("the server is shutting down")
             for r in self.waiting:
-                if not r.job.future.done():
-                    r.job.future.set_exception(error)
+                _resolve(r.job, error=error)
             self.waiting.clear()
-        self._fail_active(RuntimeError("the server is shutting down"))
+        self._fail_active(EngineError("the server is shutting down"))
+
+
+def _resolve(job: SampleJob, result: JobResult | None = None, error: BaseException | None = None) -> None:
+    """Settle a job's future once; a future already settled (or cancelled) is left as it is."""
+    try:
+        if not job.future.done():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass

@@ -5,15 +5,20 @@ The server does not use these: its engine batches single steps across requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from app.sampling.noise import draw
 from app.sampling.step import ddim_step, invert_step
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Callable[[Sequence[Any]], Iterable[Any]]  # e.g. a tqdm factory; the loop itself prints nothing
+
+
+def _quiet(steps: Sequence[Any]) -> Iterable[Any]:
+    return steps
 
 
 def _full(value: float | bool, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -31,7 +36,7 @@ def sample(
     prediction_type: str = "epsilon",
     clip_denoised: bool = False,
     generators: list[torch.Generator] | None = None,
-    progress: bool = False,
+    progress: Progress = _quiet,
 ) -> torch.Tensor:
     """Run tau_S -> ... -> tau_1 -> alpha-bar = 1 from x_T; timesteps ascending, as timestep_sequence.
 
@@ -44,7 +49,7 @@ def sample(
     x = x_T
     seq = timesteps.tolist()
     pairs = list(zip(reversed(seq), [*reversed(seq[:-1]), -1]))
-    for t, t_prev in tqdm(pairs, desc="sample", disable=not progress, leave=False):
+    for t, t_prev in progress(pairs):
         tt = torch.full((n,), t, dtype=torch.long, device=x.device)
         out = eps_model(x, tt)
         noise = draw(generators, tuple(x.shape[1:])).to(x) if stochastic else None  # type: ignore[arg-type]
@@ -61,13 +66,13 @@ def invert(
     timesteps: torch.Tensor,
     *,
     prediction_type: str = "epsilon",
-    progress: bool = False,
+    progress: Progress = _quiet,
 ) -> torch.Tensor:
     """DDIM inversion alpha-bar = 1 -> tau_1 -> ... -> tau_S (eta = 0); returns x_T."""
     n = x0.shape[0]
     x = x0
     seq = timesteps.tolist()
-    for t_from, t in tqdm(list(zip([-1, *seq[:-1]], seq)), desc="invert", disable=not progress, leave=False):
+    for t_from, t in progress(list(zip([-1, *seq[:-1]], seq))):
         tt = torch.full((n,), t, dtype=torch.long, device=x.device)
         x = invert_step(eps_model(x, tt), x, torch.full_like(tt, t_from), tt, alphas_cumprod,
                         prediction_type=prediction_type).prev_sample

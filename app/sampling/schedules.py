@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-Spacing = Literal["uniform", "leading", "quadratic", "trailing", "linspace"]
 SPACINGS: tuple[str, ...] = ("uniform", "leading", "quadratic", "trailing", "linspace")
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

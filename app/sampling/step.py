@@ -23,6 +23,11 @@ class StepOutput:
     pred_original_sample: torch.Tensor
 
 
+def precise(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample coefficients in float64 (float32 on MPS, which has no float64)."""
+    return v.float() if v.device.type == "mps" else v.double()
+
+
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
@@ -103,7 +108,7 @@ def generalized_step(
         c = _bcast(clip, x).bool()
         x0, eps = torch.where(c, clipped, x0), torch.where(c, eps_clipped, eps)
     # per-sample coefficients in float64: 1 - a' - sigma^2 cancels badly in float32 near t = 0
-    a_next, s = alpha_next.double(), sigma.double()
+    a_next, s = precise(alpha_next), precise(sigma)
     c_x0, c_eps = _bcast(a_next.sqrt(), x), _bcast((1 - a_next - s**2).clamp(min=0).sqrt(), x)
     prev = c_x0 * x0 + c_eps * eps
     if noise is not None:
@@ -141,8 +146,8 @@ def ddim_step(
     noise: torch.Tensor | None = None,
 ) -> StepOutput:
     """One generation step x_t -> x_{t'} per sample; t_prev < 0 means alpha-bar = 1 (the end)."""
-    alpha = alpha_at(alphas_cumprod, t).double()
-    alpha_prev = alpha_at(alphas_cumprod, t_prev).double()
+    alpha = precise(alpha_at(alphas_cumprod, t))
+    alpha_prev = precise(alpha_at(alphas_cumprod, t_prev))
     eta = eta.to(alpha)
     large = torch.zeros_like(eta, dtype=torch.bool) if large is None else large
     sigma, noise_std = step_sigmas(alpha, alpha_prev, eta, large)
@@ -164,7 +169,7 @@ def invert_step(
     model_output is eps_theta(x_{t_from}, t): the network sees the target timestep, as in
     diffusers' DDIMInverseScheduler; t_from < 0 means x is the clean image (alpha-bar = 1).
     """
-    alpha, alpha_next = alpha_at(alphas_cumprod, t_from).double(), alpha_at(alphas_cumprod, t).double()
+    alpha, alpha_next = precise(alpha_at(alphas_cumprod, t_from)), precise(alpha_at(alphas_cumprod, t))
     zero = torch.zeros_like(alpha)
     return generalized_step(x, model_output, alpha, alpha_next, zero, zero,
                             prediction_type=prediction_type)

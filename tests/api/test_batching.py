@@ -31,15 +31,23 @@ def test_concurrent_requests_share_forwards_and_match_solo_runs(server: str, cli
          "return_latents": True}
     c = {"model": "tiny-rgb", "n": 1, "steps": 30, "eta": 1.0, "variance": "large", "schedule": "quadratic", "seed": 5,
          "return_latents": True}
+    images = _post(server, {"model": "tiny-rgb", "n": 2, "steps": 5, "seed": 3})["images"]
+    inv = {"model": "tiny-rgb", "images": images, "steps": 50, "schedule": "quadratic"}
     before = forwards(client, "tiny-rgb")
-    with ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(lambda body: _post(server, body), [a, b, c]))
+    with ThreadPoolExecutor(4) as pool:  # generation and inversion, four plans, all at once
+        futures = [pool.submit(_post, server, body) for body in (a, b, c)]
+        inverted = pool.submit(lambda: httpx.post(f"{server}/invert", json=inv, timeout=300).json())
+        together = [f.result() for f in futures]
+        inverted_x_T = npy(inverted.result()["x_T"])
     shared = forwards(client, "tiny-rgb") - before
-    assert shared < 60 + 40 + 30, f"{shared} forwards for 130 request-steps: nothing was shared"
+    # 180 request-steps in all; run back to back they would take 180 forwards, fully overlapped 60
+    assert shared <= 60 + 40, f"{shared} forwards for 180 request-steps: too little was shared"
     for body, res in zip([a, b, c], together):
         solo = _post(server, body)
         for key in ("x_T", "x_0"):
             np.testing.assert_allclose(npy(res[key]), npy(solo[key]), rtol=0, atol=1e-4)
+    solo_inv = npy(httpx.post(f"{server}/invert", json=inv, timeout=300).json()["x_T"])
+    np.testing.assert_allclose(inverted_x_T, solo_inv, rtol=0, atol=1e-4)
 
 
 def test_short_request_joins_and_finishes_before_a_long_one(server: str) -> None:

@@ -112,3 +112,10 @@ def test_request_id_is_echoed_and_logged_as_one_json_line(server: str, client: h
         "endpoint": "/generate", "model": "tiny", "n": 2, "steps": 4, "eta": 0.5, "status": 200}
     assert 0 <= entry["queue_seconds"] <= entry["total_seconds"]
     assert any(x.get("request_id") == generated and x["status"] == 422 for x in lines)
+
+
+def test_gauges_return_to_zero_when_idle(client: httpx.Client) -> None:
+    client.post("/generate", json={"model": "tiny", "n": 3, "steps": 20})
+    text = client.get("/metrics").text
+    assert 'ddim_active_samples{model="tiny"} 0.0' in text
+    assert 'ddim_queue_depth{model="tiny"} 0.0' in text

@@ -18,6 +18,7 @@ from tests.server import running_server
 PNG = png_b64(Image.new("RGB", (8, 8), "red"))
 TRUNCATED_PNG = base64.b64encode(base64.b64decode(PNG)[:40]).decode()
 GOOD_LATENT = npy_b64(np.zeros((1, 1, 8, 8), np.float32))
+HUGE_HEADER = base64.b64encode(base64.b64decode(GOOD_LATENT).replace(b"(1, 1, 8, 8)", b"(99999,9999)")).decode()
 
 CASES: list[tuple[str, str, Any, int, str]] = [
     # (name, path, json body or raw bytes, status, text the detail must contain)
@@ -39,6 +40,7 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("x_T wrong shape", "/generate", {"n": 2, "x_T": GOOD_LATENT}, 422, "x_T must have shape (2, 1, 8, 8)"),
     ("x_T NaN", "/generate", {"x_T": npy_b64(np.full((1, 1, 8, 8), np.nan, np.float32))}, 422, "NaN"),
     ("x_T pickled object array", "/generate", {"x_T": npy_b64(np.array([{"a": 1}], dtype=object))}, 422, "x_T"),
+    ("x_T header promises 4 GB", "/generate", {"x_T": HUGE_HEADER}, 422, "header promises"),
     ("unknown model", "/generate", {"model": "nope"}, 404, "nope"),
     ("invert no images", "/invert", {"images": []}, 422, "images"),
     ("invert truncated png", "/invert", {"images": [TRUNCATED_PNG]}, 422, "images.0"),
@@ -65,6 +67,19 @@ def test_bad_input(client: httpx.Client, name: str, path: str, body: Any, status
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
     assert needle in str(detail), detail
+
+
+def test_bad_multipart_and_odd_image_modes(client: httpx.Client) -> None:
+    r = client.post("/invert", content=b"--xyz\r\nnot a form",
+                    headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code in (400, 422) and "detail" in r.json()
+    r = client.post("/invert", files=[("files", ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"))])
+    assert r.status_code == 422 and "images.0" in str(r.json()["detail"])
+    for mode, size in (("I;16", (9, 9)), ("CMYK", (5, 20)), ("RGBA", (30, 30)), ("P", (8, 8)), ("1", (12, 12))):
+        r = client.post("/invert", json={"model": "tiny-rgb", "images": [png_b64(Image.new(mode, size),
+                                                                                "TIFF" if mode == "CMYK" else "PNG")],
+                                         "steps": 2})
+        assert r.status_code in (200, 422), (mode, r.text)
 
 
 def test_unacceptable_accept_header(client: httpx.Client) -> None:
@@ -101,6 +116,8 @@ def test_queue_full_is_429_with_retry_after(tiny_store: Path) -> None:
             assert rejected.status_code == 429, rejected.text
             assert int(rejected.headers["retry-after"]) >= 1 and "full" in rejected.json()["detail"]
             assert c.post("/generate", json={"model": "tiny", "n": 1, "steps": 3}).status_code == 200
+            never_fits = c.post("/generate", json={"model": "tiny", "n": 5, "steps": 3})  # n > max_queue
+            assert never_fits.status_code == 422 and "queue" in str(never_fits.json()["detail"])
 
 
 def test_not_ready_is_503(tmp_path: Path) -> None:

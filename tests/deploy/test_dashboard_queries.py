@@ -9,6 +9,7 @@ substituted, goes through Prometheus' HTTP API.
 from __future__ import annotations
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 import io
 import json
 import os
@@ -148,21 +149,24 @@ def drive_load(url: str) -> int:
           ("/generate", {"model": "tiny-rgb", "n": 1, "steps": 4, "eta": 1.0, "seed": 1}),
           ("/invert", {"model": "tiny", "images": [png_b64()], "steps": 4}),
           ("/interpolate", {"model": "tiny", "start": {"seed": 1}, "end": {"seed": 2}, "frames": 3, "steps": 4})]
-    refused = [("/generate", {"model": "tiny", "n": MAX_QUEUE + 1, "steps": 4}, 429),  # more than the queue holds
+    refused = [("/generate", {"model": "tiny", "n": 1, "steps": 4}, 429),  # while a long request fills the queue
                ("/generate", {"model": "tiny", "steps": 0}, 422),
                ("/invert", {"model": "tiny", "images": []}, 422),
                ("/interpolate", {"model": "tiny", "start": {"seed": 1}, "end": {"seed": 2}, "frames": 1}, 422),
                ("/generate", {"model": "no-such-model"}, 404)]
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(1) as pool:
         for path, body in ok:
             r = client.post(path, json=body)
             assert r.status_code == 200, (path, r.status_code, r.text)
+        filler = pool.submit(client.post, "/generate", json={"model": "tiny", "n": MAX_QUEUE, "steps": 1000})
+        wait_for(lambda: any(m["active"] for m in client.get("/models").json()["models"]), "the filler never ran")
         for path, body, status in refused:
             r = client.post(path, json=body)
             assert r.status_code == status, (path, body, r.status_code, r.text)
             if status == 429:
                 assert int(r.headers["retry-after"]) >= 1
-    return len(ok) + len(refused)
+        assert filler.result().status_code == 200
+    return len(ok) + len(refused) + 1
 
 
 def legend_labels(target: dict[str, Any]) -> set[str]:

@@ -92,3 +92,12 @@ def test_slerp_endpoints_norm_and_lerp() -> None:
     assert abs(mid.norm() / x0.norm() - 1) < 0.1
     assert lerp(x0, x1, 0.5).norm() < 0.85 * x0.norm()
     torch.testing.assert_close(slerp(x0, 2 * x0, 0.5), 1.5 * x0)  # parallel: falls back to lerp
+
+
+def test_slerp_closed_form_on_orthogonal_vectors() -> None:
+    """For orthogonal unit vectors theta = pi/2: slerp(a) = cos(a pi/2) e0 + sin(a pi/2) e1."""
+    e0, e1 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    for a in (0.25, 0.5, 0.8):
+        expected = math.cos(a * math.pi / 2) * e0 + math.sin(a * math.pi / 2) * e1
+        torch.testing.assert_close(slerp(e0, e1, a), expected)
+    torch.testing.assert_close(slerp(e0, e1, 0.5), (e0 + e1) / math.sqrt(2))
