@@ -15,8 +15,6 @@ from tests.api.helpers import npy, png_b64
 from tests.server import running_server
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
-pytestmark = pytest.mark.skipif(not (STORE / "fashion-mnist" / "model_index.json").exists(),
-                                reason="model_store/fashion-mnist is not exported yet (ddim train)")
 
 
 @pytest.fixture(scope="module")

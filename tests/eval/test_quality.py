@@ -92,8 +92,6 @@ def test_sample_estimate_converges_to_the_gaussian_distance() -> None:
 
 # -- the shipped model ----------------------------------------------------------------------
 
-@pytest.mark.skipif(not (SHIPPED / "unet").is_dir(),
-                    reason="model_store/fashion-mnist is not exported yet (`ddim train --export` writes it)")
 def test_shipped_model_loads_and_samples() -> None:
     unet = UNet2DModel.from_pretrained(SHIPPED, subfolder="unet")
     assert unet.config.sample_size == 32 and unet.config.in_channels == 1
