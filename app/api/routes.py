@@ -162,8 +162,9 @@ async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     out: dict[str, Any] = {"model": model.name, "steps": body.steps, "schedule": body.schedule,
                            "x_T": b64encode(npy_bytes(x_T))}
     if body.return_reconstruction:
+        # the inversion never clips, so neither does its round trip (clipping x0 breaks the ODE's symmetry)
         job, _ = engine.generate_job(model, n=len(raws), steps=body.steps, eta=0.0, large=False,
-                                     schedule=body.schedule, seed=None, x_T=x_T, endpoint="invert")
+                                     schedule=body.schedule, seed=None, x_T=x_T, clip=False, endpoint="invert")
         rec = await _run(engine, request, model, job)
         mse = (((rec.clamp(-1, 1) - images) / 2) ** 2).flatten(1).mean(1)
         out["reconstruction"] = await asyncio.to_thread(_png_list, rec)
