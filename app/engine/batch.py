@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.jobs import SampleJob
-from app.sampling import step_sigmas
+from app.sampling import alpha_at, step_sigmas
 
 
 @dataclass
@@ -26,10 +26,8 @@ class ActiveBatch:
 
     def __init__(self, alphas_cumprod: torch.Tensor, device: torch.device) -> None:
         self.device = device
-        # alpha-bar indexed by level + 1, so that level -1 (the clean end) reads 1
         self.coef_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self.alpha_table = torch.cat([torch.ones(1, dtype=torch.float64),
-                                      alphas_cumprod.double().cpu()]).to(device, self.coef_dtype)
+        self.alphas_cumprod = alphas_cumprod.to(device, self.coef_dtype)
         self.rows: list[Row] = []
         self.x: torch.Tensor | None = None
         self.levels = torch.empty(0, 1, dtype=torch.long, device=device)
@@ -76,7 +74,7 @@ class ActiveBatch:
         """(alpha-bar at x's level, at the target level, sigma, noise std), each [B] float64."""
         here = self.levels.gather(1, self.pos[:, None]).squeeze(1)
         there = self.levels.gather(1, (self.pos + 1)[:, None]).squeeze(1)
-        alpha, alpha_next = self.alpha_table[here + 1], self.alpha_table[there + 1]
+        alpha, alpha_next = alpha_at(self.alphas_cumprod, here), alpha_at(self.alphas_cumprod, there)
         sigma, noise_std = step_sigmas(alpha, alpha_next, self.eta, self.large)
         return alpha, alpha_next, sigma, noise_std
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.server import free_port, running_server
+from tests.server import free_port, running_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy/grafana/dashboards/ddim-serve.json"
@@ -108,11 +108,7 @@ def running_prometheus(target: str, workdir: Path) -> Iterator[str]:
             wait_for(lambda: ready(url), f"Prometheus not ready; its log: {workdir / 'prometheus.log'}", proc)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 def ready(url: str) -> bool:
