@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -104,7 +105,12 @@ def test_request_id_is_echoed_and_logged_as_one_json_line(server: str, client: h
     generated = client.post("/generate", json={"steps": 0}).headers["x-request-id"]
     assert len(generated) == 32 and int(generated, 16) >= 0
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddim-serve-{server.rsplit(':', 1)[1]}.log"
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    deadline = time.monotonic() + 10  # the line is written just after the response is sent
+    while True:
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        if any(x.get("request_id") == generated for x in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     mine = [x for x in lines if x.get("request_id") == "req-abc-123"]
     assert len(mine) == 1
     entry = mine[0]
