@@ -19,8 +19,9 @@ class Settings(BaseSettings):
                                "(falls back to the first model in the store)")
     device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device string")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32")
-    channels_last: bool = Field(False, description="channels_last memory format for the eps-network")
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32 "
+        "(bfloat16's FID is within noise of float32's: docs/benchmarks.md)")
+    channels_last: bool = Field(True, description="channels_last memory format for the eps-network")
     compile: bool = Field(False, description="torch.compile one graph per batch bucket at warm-up")
     compile_budget_seconds: float = Field(600.0, ge=0, description="warm-up time allowed for compiling")
     allow_pickle: bool = Field(False, description="load pickled .bin weights (runs code from the file)")
@@ -37,5 +38,10 @@ class Settings(BaseSettings):
     batching: Literal["step", "request"] = Field(
         "step", description="step: join the running batch at the next step; request: admit only "
         "between whole requests (for comparison)")
+    priority: Literal["short-first", "fifo"] = Field(
+        "short-first", description="short-first: while the batch mixes short and far longer jobs (S over 4x "
+        "the shortest), step the short ones alone; fifo: always step every active sample together")
+    max_defer_steps: int = Field(32, ge=1, description="short-first: the long rows get a forward of their own "
+                                 "at least this often")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     log_json: bool = True

@@ -33,20 +33,41 @@ class LoadResult:
         return statistics.median(self.latencies) if self.latencies else float("nan")
 
 
+async def sample_steps(client: httpx.AsyncClient) -> float:
+    """The server's own count of sample-steps computed (ddim_sample_steps_total, all models)."""
+    text = (await client.get("/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ddim_sample_steps_total{"))
+
+
+async def idle(client: httpx.AsyncClient, timeout: float = 120.0) -> None:
+    """Wait until no model has active or waiting samples (e.g. after cancelled clients)."""
+    deadline = time.monotonic() + timeout
+    while any(m["active"] or m["waiting"] for m in (await client.get("/models")).json()["models"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server did not drain")
+        await asyncio.sleep(0.1)
+
+
 async def closed_loop(url: str, body: dict[str, Any], concurrency: int, seconds: float,
                       warmup: float = 0.0) -> LoadResult:
-    """concurrency clients, each posting body again as soon as its last answer came; counts only
-    requests that both start after warmup and finish before the end of the window."""
+    """concurrency clients, each posting body again as soon as its last answer came.
+
+    Throughput is the server's sample-step counter over the window (after warmup), so requests
+    that straddle the window's edges count exactly for the steps computed inside it. Latencies
+    are those of requests that started and finished inside the window. At the end the clients
+    hang up; the server cancels their jobs, and this waits until it is idle again.
+    """
     res = LoadResult()
     start = time.monotonic()
     window_start, window_end = start + warmup, start + warmup + seconds
-    steps = int(body.get("steps", 50)) * int(body.get("n", 1))
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client, \
+            httpx.AsyncClient(base_url=url, timeout=60) as monitor:
 
         async def worker(i: int) -> None:
             k = 0
-            while time.monotonic() < window_end:
+            while True:
                 t0 = time.monotonic()
                 r = await client.post("/generate", json={**body, "seed": 1000 * i + k},
                                       headers={"accept": "application/x-npy"})
@@ -54,16 +75,20 @@ async def closed_loop(url: str, body: dict[str, Any], concurrency: int, seconds:
                 k += 1
                 if r.status_code != 200:
                     res.errors += 1
-                    continue
-                if t0 >= window_start and t1 <= window_end:
+                elif t0 >= window_start and t1 <= window_end:
                     res.latencies.append(t1 - t0)
-                    res.image_steps += steps
-                elif t1 > window_start and t1 <= window_end:
-                    # a request straddling the window start: count the share of its steps inside it
-                    res.image_steps += int(steps * (t1 - window_start) / (t1 - t0))
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    res.seconds = seconds
+        tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+        await asyncio.sleep(window_start - time.monotonic())
+        steps0, t0 = await sample_steps(monitor), time.monotonic()
+        await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+        steps1, t1 = await sample_steps(monitor), time.monotonic()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    res.image_steps, res.seconds = int(steps1 - steps0), t1 - t0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as monitor:
+        await idle(monitor)
     return res
 
 

@@ -15,37 +15,39 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from app.models import load_model
+from app.models.fast import bf16_supported
 from app.models.folder import DDPM_CIFAR10_SCHEDULER, DDPM_CIFAR10_UNET, random_model_folder
+from benchmarks.fastpaths import ladder, rate
 from benchmarks.load import closed_loop, latencies_with_background
+from benchmarks.quality import dtype_quality
 from benchmarks.report import write_report
 from tests.server import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = str(os.cpu_count() or 1)
 CONFIGS = {"fp32": {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false"},
-           "fast": {"DDIM_DTYPE": "auto", "DDIM_CHANNELS_LAST": "true"}}
+           "default": {}}  # the server's defaults: the fast path it turns on by itself
+MIXED_MODES = {"step, short-first": {"DDIM_BATCHING": "step", "DDIM_PRIORITY": "short-first"},
+               "step, fifo": {"DDIM_BATCHING": "step", "DDIM_PRIORITY": "fifo"},
+               "request": {"DDIM_BATCHING": "request"}}
+PROBE, BACKGROUND = {"n": 1, "steps": 10}, {"n": 8, "steps": 250}
 
 
-def raw_forward(folder: Path, batch: int, env: dict[str, str], seconds: float) -> float:
+def raw_forward(folder: Path, batch: int, dtype: str, channels_last: bool, seconds: float) -> float:
     """The limit: image-steps/s of a bare forward loop at batch B, same device and dtype as the server."""
-    m = load_model(folder, dtype=env["DDIM_DTYPE"], channels_last=env["DDIM_CHANNELS_LAST"] == "true")
-    x, t = torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,))
-    m.eps(x, t)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 3:
-        m.eps(x, t)
-        n += 1
-    return batch * n / (time.perf_counter() - start)
+    m = load_model(folder, dtype=dtype, channels_last=channels_last)
+    return rate(m.eps, torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,)), seconds)
 
 
-def ddim_pipeline(folder: Path, batch: int, steps: int, dtype: str) -> float:
-    """The peer: diffusers' DDIMPipeline offline with the same UNet, S and batch."""
+def ddim_pipeline(folder: Path, batch: int, steps: int) -> float:
+    """The peer: diffusers' DDIMPipeline offline (fp32) with the same UNet, S and batch."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    m = load_model(folder, dtype=dtype)
+    m = load_model(folder)
     pipe = DDIMPipeline(unet=m.unet, scheduler=DDIMScheduler.from_config(m.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=batch, num_inference_steps=2, output_type="np")
@@ -55,10 +57,24 @@ def ddim_pipeline(folder: Path, batch: int, steps: int, dtype: str) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-async def served(url: str, batch: int, steps: int, seconds: float, warmup: float) -> dict[str, float]:
-    r = await closed_loop(url, {"n": 1, "steps": steps}, concurrency=2 * batch, seconds=seconds, warmup=warmup)
+def served(url: str, body: dict[str, Any], concurrency: int, a: argparse.Namespace) -> dict[str, float]:
+    r = asyncio.run(closed_loop(url, body, concurrency, a.seconds, a.warmup))
     return {"image_steps_per_s": r.image_steps_per_s, "p50_s": r.p50, "requests": len(r.latencies),
             "errors": r.errors}
+
+
+def server_facts(url: str) -> dict[str, Any]:
+    """The loaded model's dtype and layout, startup time and RSS, as the server reports them."""
+    info = httpx.get(f"{url}/models").json()["models"][0]
+    metrics = httpx.get(f"{url}/metrics").text
+    startup = next(float(x.split()[1]) for x in metrics.splitlines() if x.startswith("ddim_startup_seconds "))
+    return {"dtype": info.get("dtype"), "channels_last": info.get("channels_last"), "startup_s": startup,
+            "rss_mib": server_rss(url)}
+
+
+def serve(store: Path, batch: int, **env: str) -> Any:
+    return running_server(store, ready_timeout=1800, plain=False, DDIM_MAX_BATCH_SIZE=str(batch), DDIM_THREADS="0",
+                          OMP_NUM_THREADS=CORES, **env)
 
 
 def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> dict[str, Any]:
@@ -66,36 +82,39 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
     store = Path(tempfile.mkdtemp()) / "store"
     store.mkdir()
     (store / name).symlink_to(folder.resolve())
+    print(f"{name}: fast paths, raw forward at batch {batch}", flush=True)
+    out["fast_paths"] = ladder(folder, batch, a.limit_seconds, compile_path=not a.no_compile)
+    out["peer"] = ddim_pipeline(folder, batch, a.steps)
+    print(f"{name}: DDIMPipeline fp32 {out['peer']:.1f} image-steps/s", flush=True)
+    body = {"n": 1, "steps": a.steps}
     for cfg, env in CONFIGS.items():
-        row: dict[str, Any] = {"limit": raw_forward(folder, batch, env, a.seconds)}
-        row["peer"] = ddim_pipeline(folder, batch, a.steps, env["DDIM_DTYPE"] if cfg == "fp32" else "float32")
-        t0 = time.monotonic()
-        with running_server(store, DDIM_MAX_BATCH_SIZE=str(batch), DDIM_THREADS="0", OMP_NUM_THREADS=CORES,
-                            **env) as url:
-            row["startup_s"] = time.monotonic() - t0
-            row["served"] = asyncio.run(served(url, batch, a.steps, a.seconds, a.warmup))
-            row["rss_mib"] = server_rss(url)
+        with serve(store, batch, **env) as url:
+            row: dict[str, Any] = server_facts(url)
+            row["served"] = served(url, body, 2 * batch, a)
+        row["limit"] = raw_forward(folder, batch, row["dtype"], bool(row["channels_last"]), a.limit_seconds)
         s = row["served"]["image_steps_per_s"]
-        row["served_over_limit"], row["served_over_peer"] = s / row["limit"], s / row["peer"]
+        row["served_over_limit"], row["served_over_peer"] = s / row["limit"], s / out["peer"]
+        print(f"{name} {cfg}: {row}", flush=True)
         out[cfg] = row
     out["mixed"] = {}
-    for mode in ("step", "request"):
-        with running_server(store, DDIM_MAX_BATCH_SIZE=str(batch), DDIM_BATCHING=mode, DDIM_THREADS="0",
-                            OMP_NUM_THREADS=CORES) as url:
-            probe = {"n": 1, "steps": 10}
-            alone = asyncio.run(latencies_with_background(url, probe, a.probes, None, 0))
-            busy = asyncio.run(latencies_with_background(url, probe, a.probes, {"n": 8, "steps": 250}, 2))
-        out["mixed"][mode] = {"alone_p50": alone.p50, "alone_p95": alone.percentile(95),
+    for mode, env in MIXED_MODES.items():
+        probes = a.request_probes if mode == "request" else a.probes
+        with serve(store, batch, **env) as url:
+            alone = asyncio.run(latencies_with_background(url, PROBE, probes, None, 0))
+            busy = asyncio.run(latencies_with_background(url, PROBE, probes, BACKGROUND, a.background_clients))
+        out["mixed"][mode] = {"probes": probes, "alone_p50": alone.p50, "alone_p95": alone.percentile(95),
                               "busy_p50": busy.p50, "busy_p95": busy.percentile(95),
                               "p95_over_alone": busy.percentile(95) / alone.percentile(95)}
+        print(f"{name} mixed {mode}: {out['mixed'][mode]}", flush=True)
     out["scaling"] = {"max_batch_size": {}, "concurrency": {}}
-    for mbs in sorted({max(1, batch // 4), max(1, batch // 2), batch}):
-        with running_server(store, DDIM_MAX_BATCH_SIZE=str(mbs), DDIM_THREADS="0", OMP_NUM_THREADS=CORES) as url:
-            out["scaling"]["max_batch_size"][mbs] = asyncio.run(served(url, mbs, a.steps, a.seconds, a.warmup))
-    with running_server(store, DDIM_MAX_BATCH_SIZE=str(batch), DDIM_THREADS="0", OMP_NUM_THREADS=CORES) as url:
-        for conc in sorted({max(1, batch // 4), max(1, batch // 2), batch}):
-            r = asyncio.run(closed_loop(url, {"n": 1, "steps": a.steps}, conc, a.seconds, a.warmup))
-            out["scaling"]["concurrency"][conc] = {"image_steps_per_s": r.image_steps_per_s, "p50_s": r.p50}
+    sizes = sorted({max(1, batch // 4), max(1, batch // 2), batch, 2 * batch})
+    for mbs in sizes:
+        with serve(store, mbs) as url:
+            out["scaling"]["max_batch_size"][mbs] = served(url, body, 2 * mbs, a)
+    with serve(store, batch) as url:
+        for conc in sorted({1, max(1, batch // 4), batch, 2 * batch}):
+            out["scaling"]["concurrency"][conc] = served(url, body, conc, a)
+    print(f"{name} scaling: {out['scaling']}", flush=True)
     return out
 
 
@@ -116,12 +135,26 @@ def server_rss(url: str) -> float:
     return float("nan")
 
 
+def cpu_model() -> str:
+    try:
+        return next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                    if x.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seconds", type=float, default=40.0, help="measurement window per point")
-    p.add_argument("--warmup", type=float, default=15.0, help="load before each window")
+    p.add_argument("--seconds", type=float, default=30.0, help="HTTP measurement window per point")
+    p.add_argument("--warmup", type=float, default=10.0, help="HTTP load before each window")
+    p.add_argument("--limit-seconds", type=float, default=10.0, help="raw forward loop per point")
     p.add_argument("--probes", type=int, default=20, help="S=10 requests per mixed-workload phase")
+    p.add_argument("--request-probes", type=int, default=4,
+                   help="probes in request mode, where each waits for whole background requests")
+    p.add_argument("--background-clients", type=int, default=2, help="clients looping S=250, n=8 requests")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles for minutes)")
+    p.add_argument("--quality-n", type=int, default=1000, help="samples per S for fp32 vs bf16 FID (0: skip)")
     p.add_argument("--fashion-batch", type=int, default=64)
     p.add_argument("--cifar-batch", type=int, default=16)
     p.add_argument("--models", default="fashion-mnist,cifar10-arch")
@@ -129,8 +162,13 @@ def main() -> None:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     a = p.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                           "cpu": cpu_model(), "bf16": bf16_supported(torch.device("cpu")),
                                            "torch": torch.__version__, "cuda": torch.cuda.is_available()},
                                "args": vars(a), "models": []}
+    if a.quality_n:
+        print("fp32 vs bfloat16 + channels_last: FID-FMNIST on the same seeds", flush=True)
+        results["quality"] = dtype_quality(ROOT / "model_store" / "fashion-mnist",
+                                           {"dtype": "bfloat16", "channels_last": True}, (10, 50), a.quality_n)
     for name in a.models.split(","):
         if name == "fashion-mnist":
             folder, batch = ROOT / "model_store" / "fashion-mnist", a.fashion_batch

@@ -21,11 +21,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_store: Path, *, ready_timeout: float = 120.0, **env: str) -> Iterator[str]:
-    """Start `ddim-serve` on a free loopback port; yields its base URL; DDIM_* settings via env."""
+def running_server(model_store: Path, *, ready_timeout: float = 120.0, plain: bool = True,
+                   **env: str) -> Iterator[str]:
+    """Start `ddim-serve` on a free loopback port; yields its base URL; DDIM_* settings via env.
+
+    plain: run the plain path (float32, contiguous), so that exact comparisons hold on every CPU;
+    plain=False keeps the server's own defaults (its fast path), as tests/api/test_fast_server.py does.
+    """
     port = free_port()
+    pins = {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false"} if plain else {}
     environ = {**os.environ, "DDIM_MODEL_STORE": str(model_store), "OMP_NUM_THREADS": "1", "DDIM_THREADS": "1",
-               "DDIM_MAX_BATCH_SIZE": "16", **env}
+               "DDIM_MAX_BATCH_SIZE": "16", **pins, **env}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ddim-serve-{port}.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "app.main", "--host", "127.0.0.1", "--port", str(port)],
                             env=environ, stdout=log, stderr=subprocess.STDOUT)

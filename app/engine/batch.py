@@ -37,7 +37,7 @@ class ActiveBatch:
         self.eta = torch.empty(0, dtype=self.coef_dtype, device=device)
         self.large = torch.empty(0, dtype=torch.bool, device=device)
         self.clip = torch.empty(0, dtype=torch.bool, device=device)
-        self.stochastic: list[int] = []
+        self.stochastic = torch.empty(0, dtype=torch.bool, device=device)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -60,39 +60,52 @@ class ActiveBatch:
         self.eta = torch.cat([self.eta, torch.tensor([r.job.eta for r in rows], dtype=self.coef_dtype, device=dev)])
         self.large = torch.cat([self.large, torch.tensor([r.job.large for r in rows], device=dev)])
         self.clip = torch.cat([self.clip, torch.tensor([r.job.clip_denoised for r in rows], device=dev)])
+        self.stochastic = torch.cat([self.stochastic, torch.tensor([r.job.stochastic for r in rows], device=dev)])
         self.rows.extend(rows)
-        self._index_stochastic()
 
-    def _index_stochastic(self) -> None:
-        self.stochastic = [i for i, r in enumerate(self.rows) if r.job.stochastic]
+    def _pick(self, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return t if idx is None else t.index_select(0, idx)
 
-    def timesteps(self) -> torch.Tensor:
-        """The timestep each row's network call sees this step, [B]."""
-        return self.model_t.gather(1, self.pos[:, None]).squeeze(1)
+    def timesteps(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The timestep each row's network call sees this step, [B] (rows idx only, when given)."""
+        return self._pick(self.model_t, idx).gather(1, self._pick(self.pos, idx)[:, None]).squeeze(1)
 
-    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coefficients(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(alpha-bar at x's level, at the target level, sigma, noise std), each [B] float64."""
-        here = self.levels.gather(1, self.pos[:, None]).squeeze(1)
-        there = self.levels.gather(1, (self.pos + 1)[:, None]).squeeze(1)
+        pos, levels = self._pick(self.pos, idx)[:, None], self._pick(self.levels, idx)
+        here, there = levels.gather(1, pos).squeeze(1), levels.gather(1, pos + 1).squeeze(1)
         alpha, alpha_next = alpha_at(self.alphas_cumprod, here), alpha_at(self.alphas_cumprod, there)
-        sigma, noise_std = step_sigmas(alpha, alpha_next, self.eta, self.large)
+        sigma, noise_std = step_sigmas(alpha, alpha_next, self._pick(self.eta, idx), self._pick(self.large, idx))
         return alpha, alpha_next, sigma, noise_std
 
-    def noise(self) -> torch.Tensor | None:
-        """This step's noise: one draw from each stochastic row's own generator, in step order."""
-        if not self.stochastic or self.x is None:
+    def inputs(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, timesteps, clip flags) of the rows idx (all rows when None)."""
+        assert self.x is not None
+        return self._pick(self.x, idx), self.timesteps(idx), self._pick(self.clip, idx)
+
+    def noise(self, idx: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This step's noise for rows idx: one draw from each stochastic row's own generator, in step order."""
+        stochastic = self._pick(self.stochastic, idx)
+        if self.x is None or not bool(stochastic.any()):
             return None
+        rows = stochastic.nonzero().squeeze(1).tolist()  # the loop runs over stochastic rows only
+        order = None if idx is None else idx.tolist()
         shape = (1, *self.x.shape[1:])
-        noise = torch.zeros(self.x.shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
-        for i in self.stochastic:
-            r = self.rows[i]
-            noise[i] = torch.randn(shape, generator=r.job.generators[r.index])[0]  # type: ignore[index]
+        noise = torch.zeros((len(stochastic), *shape[1:]), dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        for k in rows:
+            r = self.rows[k if order is None else order[k]]
+            noise[k] = torch.randn(shape, generator=r.job.generators[r.index])[0]  # type: ignore[index]
         return noise.to(self.device, non_blocking=True)
 
-    def advance(self, x_next: torch.Tensor) -> list[Row]:
-        """Store the step's result, move every row one step on; returns (and drops) finished rows."""
-        self.x = x_next
-        self.pos = self.pos + 1
+    def advance(self, x_next: torch.Tensor, idx: torch.Tensor | None = None) -> list[Row]:
+        """Store the step's result for rows idx (all when None), move them one step on; returns (and drops)
+        the rows that finished."""
+        if idx is None:
+            self.x, self.pos = x_next, self.pos + 1
+        else:
+            assert self.x is not None
+            self.x = self.x.index_copy(0, idx, x_next.to(self.x.dtype))
+            self.pos = self.pos.index_add(0, idx, torch.ones_like(idx))
         done = self.pos >= self.n_steps
         if not bool(done.any()):
             return []
@@ -111,6 +124,5 @@ class ActiveBatch:
         self.rows = [r for r, k in zip(self.rows, keep_list) if k]
         if self.x is not None:
             self.x = self.x.index_select(0, idx)
-        for name in ("levels", "model_t", "pos", "n_steps", "eta", "large", "clip"):
+        for name in ("levels", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
-        self._index_stochastic()

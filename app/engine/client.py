@@ -68,7 +68,7 @@ class Engine:
             self.metrics.model_info.labels(name, info["device"], info["dtype"], str(model.num_train_timesteps),
                                            "x".join(map(str, info["image_size"])), str(info["channels"])).set(1)
             worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                                 batching=s.batching)
+                                 batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
             worker.start()
             self.workers[name] = worker
             log.info("model %s ready on %s (%s)", name, device, s.dtype)

@@ -1,16 +1,23 @@
-"""One BatchWorker per model: admit -> one forward over every active sample -> per-sample update.
+"""One BatchWorker per model: admit -> one forward over the active samples -> per-sample update.
 
 Requests with different S, eta, variance, schedules and directions share each forward, and a
 new sample joins the running batch at the next step. The worker owns its queue and its thread;
 callers only submit() and wait on the job's future.
+
+Short jobs first: on a compute-bound device a forward costs about as much per sample at batch 16 as
+at 64, so a short request that shares every forward with long ones waits as long as they make it.
+With priority "short-first", while the batch holds jobs of very different lengths (S more than
+SHORT_RATIO times the shortest S), only the short class is stepped; the long rows keep their
+place and state, and get one forward of their own at least every max_defer_steps forwards, so
+they are never starved. Batches of similar jobs (the common case) are always stepped whole.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import InvalidStateError
 import time
+from concurrent.futures import InvalidStateError
 from collections import deque
 from typing import Literal
 
@@ -23,18 +30,23 @@ from app.models import LoadedModel
 from app.sampling import generalized_step
 
 log = logging.getLogger(__name__)
+SHORT_RATIO = 4  # jobs with S above this many times the shortest S in the batch wait for the short ones
 
 
 class BatchWorker:
     """The step-level batching loop for one model, in its own thread."""
 
     def __init__(self, model: LoadedModel, metrics: Metrics, *, max_batch_size: int = 64,
-                 max_queue: int = 1024, batching: Literal["step", "request"] = "step") -> None:
+                 max_queue: int = 1024, batching: Literal["step", "request"] = "step",
+                 priority: Literal["short-first", "fifo"] = "short-first", max_defer_steps: int = 32) -> None:
         self.model = model
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batching = batching
+        self.priority = priority
+        self.max_defer_steps = max_defer_steps
+        self._deferred = 0  # forwards in a row that skipped the long rows
         self.waiting: deque[Row] = deque()
         self.batch = ActiveBatch(model.alphas_cumprod, model.device)
         self._cond = threading.Condition()
@@ -89,7 +101,8 @@ class BatchWorker:
 
     # -- the loop ------------------------------------------------------------------------------
     def _admit(self) -> None:
-        """FIFO admission up to max_batch_size (request mode: only into an empty batch)."""
+        """FIFO admission up to max_batch_size (request mode: only into an empty batch); short-first
+        also lets short jobs past a full batch of far longer ones (see _short_overtakers)."""
         if self.batching == "request" and len(self.batch):
             return
         rows: list[Row] = []
@@ -99,12 +112,26 @@ class BatchWorker:
             if self.batching == "request" and row.index == 0 and row.job.n > free - len(rows) and rows:
                 break  # request mode admits whole requests only
             rows.append(self.waiting.popleft())
+        if not rows and self.waiting and self.priority == "short-first" and self.batching == "step":
+            rows = self._short_overtakers()
         now = time.monotonic()
         for r in rows:
             if r.job.first_step_at is None:
                 r.job.first_step_at = now
             self._queue_wait.observe(now - r.job.submitted_at)
         self.batch.add(rows)
+
+    def _short_overtakers(self) -> list[Row]:
+        """With the batch full: waiting samples of jobs far shorter than the longest active job, up to
+        max_batch_size of them beyond the batch. They would be stepped alone anyway, so admitting
+        them now costs the long rows nothing but the short ones' own forwards."""
+        room = 2 * self.max_batch_size - len(self.batch)
+        longest = int(self.batch.n_steps.max()) if len(self.batch) else 0
+        picked = [r for r in self.waiting if SHORT_RATIO * r.job.steps < longest][:max(0, room)]
+        if picked:
+            chosen = {id(r) for r in picked}
+            self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
+        return picked
 
     def _drop_cancelled(self) -> None:
         """Remove cancelled jobs' samples (only scanned after a cancel() call)."""
@@ -119,26 +146,41 @@ class BatchWorker:
         for job in cancelled.values():
             _resolve(job, error=JobCancelled(f"job {job.id} was cancelled"))
 
-    def step(self) -> None:
-        """One forward over all active samples, then each sample's own update."""
+    def _rows_to_step(self) -> torch.Tensor | None:
+        """The rows this forward steps: None for all of them, else the short class (see module doc)."""
         b = self.batch
-        assert b.x is not None
-        t = b.timesteps()
-        alpha, alpha_next, sigma, noise_std = b.coefficients()
-        noise = b.noise()
+        if self.priority == "fifo" or self.batching == "request" or len(b) < 2:
+            return None
+        short = b.n_steps <= SHORT_RATIO * b.n_steps.min()
+        if bool(short.all()):
+            self._deferred = 0
+            return None if len(b) <= self.max_batch_size else torch.arange(self.max_batch_size)
+        if self._deferred >= self.max_defer_steps:
+            self._deferred = 0
+            return (~short).nonzero().squeeze(1)[:self.max_batch_size]
+        self._deferred += 1
+        return short.nonzero().squeeze(1)[:self.max_batch_size]
+
+    def step(self) -> None:
+        """One forward over the chosen active samples, then each sample's own update."""
+        b = self.batch
+        idx = self._rows_to_step()
+        x, t, clip = b.inputs(idx)
+        alpha, alpha_next, sigma, noise_std = b.coefficients(idx)
+        noise = b.noise(idx)
         started = time.perf_counter()
-        out = self.model.eps(b.x, t)
+        out = self.model.eps(x, t)
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)  # time the forward, not its launch
         forward = time.perf_counter() - started
-        x_next = generalized_step(b.x, out, alpha, alpha_next, sigma, noise_std,
-                                  prediction_type=self.model.prediction_type, clip_denoised=b.clip,
+        x_next = generalized_step(x, out, alpha, alpha_next, sigma, noise_std,
+                                  prediction_type=self.model.prediction_type, clip_denoised=clip,
                                   noise=noise).prev_sample
-        self._batch_size.observe(len(b))
+        self._batch_size.observe(len(x))
         self._forward_seconds.observe(forward)
-        self._sample_steps.inc(len(b))
+        self._sample_steps.inc(len(x))
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
-        finished = b.advance(x_next)
+        finished = b.advance(x_next, idx)
         self._gauges()  # before any result is out, so a client never reads a stale gauge
         for row in finished:
             job = row.job

@@ -153,6 +153,7 @@ class LoadedModel:
                 "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
                 "prediction_type": self.prediction_type, "clip_sample": self.clip_sample,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "channels_last": self.forward.channels_last,
                 "parameters": sum(p.numel() for p in self.unet.parameters())}
 
 
