@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32 "
         "(bfloat16's FID is within noise of float32's: docs/benchmarks.md)")
-    channels_last: bool = Field(True, description="channels_last memory format for the eps-network")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format for the eps-network; auto: time both layouts at "
+        "warm-up and keep the faster")
     compile: bool = Field(False, description="torch.compile one graph per batch bucket at warm-up")
     compile_budget_seconds: float = Field(600.0, ge=0, description="warm-up time allowed for compiling")
     allow_pickle: bool = Field(False, description="load pickled .bin weights (runs code from the file)")

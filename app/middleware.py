@@ -28,6 +28,7 @@ class RequestMiddleware:
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id  # for the 500 handler, whose response bypasses this middleware
         started = time.monotonic()
         status = {"code": 500}
         path = scope.get("path", "")

@@ -57,3 +57,37 @@ def ladder(folder: Path, batch: int, seconds: float, compile_path: bool = True) 
         add("bf16 + channels_last + torch.compile", fast.eps, m.sample_shape,
             compile_seconds=time.perf_counter() - started)
     return rows
+
+
+def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, steps: int, seconds: float) -> float:
+    """The engine without HTTP: a real BatchWorker (its own thread, as in the server) kept at 2×B waiting
+    plus active samples of n = 1 jobs; image-steps/s from its own step counter."""
+    from app.engine.jobs import SampleJob
+    from app.engine.worker import BatchWorker
+    from app.metrics import Metrics
+    from app.sampling import draw, sample_generators, timestep_sequence
+
+    m = load_model(folder, dtype=dtype, channels_last=channels_last)
+    metrics = Metrics()
+    worker = BatchWorker(m, metrics, max_batch_size=batch)
+    seq, seeds = timestep_sequence(steps, m.num_train_timesteps, "uniform"), iter(range(10**9))
+    running = True
+
+    def submit(_: object = None) -> None:
+        if not running:
+            return
+        job = SampleJob("generate", draw(sample_generators(next(seeds), 1), m.sample_shape), seq)
+        job.future.add_done_callback(submit)  # one finishes, the next comes: a closed loop
+        worker.submit(job)
+
+    counter = metrics.sample_steps.labels(m.name)
+    for _ in range(2 * batch):
+        submit()
+    worker.start()
+    time.sleep(min(5.0, seconds))  # warm-up
+    n0, t0 = counter._value.get(), time.perf_counter()
+    time.sleep(seconds)
+    rate_ = (counter._value.get() - n0) / (time.perf_counter() - t0)
+    running = False
+    worker.stop()
+    return rate_

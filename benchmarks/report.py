@@ -24,7 +24,8 @@ with the server's dtype and memory layout. **served**: HTTP load on a real serve
 `ddim_sample_steps_total` over the measurement window. **peer**: diffusers' `DDIMPipeline`, offline,
 fp32, with the same UNet, S and batch. **fp32** is the plain path (float32, contiguous);
 **default** is what the server runs with no settings: `DDIM_DTYPE=auto` (bfloat16 on CPUs with
-AVX512-BF16 or AMX and on CUDA, else float32) and channels_last."""
+AVX512-BF16 or AMX and on CUDA, else float32) and `DDIM_CHANNELS_LAST=auto` (both layouts timed at
+warm-up, the faster kept)."""
 
 
 def _f(x: float, d: int = 1) -> str:
@@ -76,15 +77,19 @@ def _model(r: dict[str, Any]) -> list[str]:
                      f"{_f(p['compile_seconds']) if 'compile_seconds' in p else ''} |")
     lines += ["", f"Peer (DDIMPipeline, fp32): {_f(r['peer'])} image-steps/s.", "",
               "### Served against the limit and the peer", "",
-              "| config | dtype | channels_last | limit | served "
+              "| config | dtype | channels_last | limit | engine | engine / limit | served "
               "| served / limit | served / peer | startup s | RSS MiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in ("fp32", "default"):
         c = r[cfg]
-        lines.append(f"| {cfg} | {c['dtype']} | {c['channels_last']} | {_f(c['limit'])} | "
-                     f"{_f(c['served']['image_steps_per_s'])} | {_f(c['served_over_limit'], 3)} | "
+        lines.append(f"| {cfg} | {c['dtype']} | {c['channels_last']} | {_f(c['limit'])} | {_f(c['engine'])} | "
+                     f"{_f(c['engine_over_limit'], 3)} | {_f(c['served']['image_steps_per_s'])} | "
+                     f"{_f(c['served_over_limit'], 3)} | "
                      f"{_f(c['served_over_peer'], 2)} | {_f(c['startup_s'])} | {_f(c['rss_mib'], 0)} |")
-    lines += ["", "Startup is the server's `ddim_startup_seconds`: loading, warm-up (and compiling, when on).", "",
+    lines += ["", "limit: the mean of a measurement just before and one just after the served window. engine: the",
+              "same batching loop as the server (a BatchWorker in its own thread, 2×B samples of n = 1 jobs) with",
+              "no HTTP. Startup is the server's `ddim_startup_seconds`: loading, warm-up, the layout choice",
+              "(and compiling, when on).", "",
               "### Mixed workload", "",
               "Latency (s) of S = 10, n = 1 requests, sent one after another, alone and then with a background",
               "of clients looping S = 250, n = 8 requests (default dtype).", "",

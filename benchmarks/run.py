@@ -22,7 +22,7 @@ import torch
 from app.models import load_model
 from app.models.fast import bf16_supported
 from app.models.folder import DDPM_CIFAR10_SCHEDULER, DDPM_CIFAR10_UNET, random_model_folder
-from benchmarks.fastpaths import ladder, rate
+from benchmarks.fastpaths import engine_rate, ladder, rate
 from benchmarks.load import closed_loop, latencies_with_background
 from benchmarks.quality import dtype_quality
 from benchmarks.report import write_report
@@ -98,6 +98,8 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
             row["served"] = served(url, body, 2 * batch, a)
             row["limits"] = [before, limit()]
         row["limit"] = sum(row["limits"]) / 2
+        row["engine"] = engine_rate(folder, batch, row["dtype"], bool(row["channels_last"]), a.steps, a.limit_seconds)
+        row["engine_over_limit"] = row["engine"] / row["limit"]
         s = row["served"]["image_steps_per_s"]
         row["served_over_limit"], row["served_over_peer"] = s / row["limit"], s / out["peer"]
         print(f"{name} {cfg}: {row}", flush=True)

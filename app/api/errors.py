@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.codecs import PayloadTooLarge
 from app.engine.client import InvalidRequest, UnknownModel
-from app.engine.jobs import QueueFull
+from app.engine.jobs import EngineError, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,20 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        """The worker failed a step (it logged the traceback) and the samples it held; it goes on serving."""
+        return _internal_error(request, f"{exc}; the server log has it under request id ", tag=False)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal error; see the server log for the request id")
+        request_id = getattr(request.state, "request_id", "")
+        log.exception("unhandled error on %s (request id %s)", request.url.path, request_id)
+        return _internal_error(request, "internal error; the server log has it under request id ", tag=True)
+
+
+def _internal_error(request: Request, detail: str, tag: bool) -> JSONResponse:
+    """A 500 that names its request id in the detail; tag: also in X-Request-ID, for the catch-all handler,
+    whose response does not pass through the request middleware that tags every other response."""
+    request_id = getattr(request.state, "request_id", "")
+    return error_response(500, detail + request_id, {"x-request-id": request_id} if tag and request_id else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import torch
 
@@ -56,26 +57,34 @@ class Engine:
             raise ModelStoreError(f"{s.model_store}: no model folders found")
         for name in names:
             model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                               channels_last=s.channels_last)
-            if s.compile:
-                budget = max(0.0, s.compile_budget_seconds - (time.monotonic() - started))
-                model.forward.compile(s.max_batch_size, budget, model.sample_shape)
-            if s.warmup:
-                for b in sorted({1, s.max_batch_size}):
-                    model.eps(torch.zeros(b, *model.sample_shape, device=device), torch.full((b,), 500))
+                               channels_last=s.channels_last is True)
+            worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                                 batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
+            worker.start(prepare=partial(self._prepare, model, budget_from=started))
             self.models[name] = model
             info = model.info()
             self.metrics.model_info.labels(name, info["device"], info["dtype"], str(model.num_train_timesteps),
                                            "x".join(map(str, info["image_size"])), str(info["channels"])).set(1)
-            worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                                 batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
-            worker.start()
             self.workers[name] = worker
-            log.info("model %s ready on %s (%s)", name, device, s.dtype)
+            log.info("model %s ready on %s (%s, channels_last=%s)", name, device, info["dtype"], info["channels_last"])
         self.default_name = s.default_model if s.default_model in self.models else names[0]
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.startup_seconds.set(time.monotonic() - started)
+
+    def _prepare(self, model: LoadedModel, budget_from: float) -> None:
+        """Layout choice, compiling and warm-up, run in the model's worker thread (see BatchWorker.start)."""
+        s = self.settings
+        if s.threads:  # torch's thread settings are per thread under OpenMP: set them where forwards run
+            torch.set_num_threads(s.threads)
+        if s.channels_last == "auto" and s.warmup:
+            model.forward.pick_layout(s.max_batch_size, model.sample_shape)
+        if s.compile:
+            budget = max(0.0, s.compile_budget_seconds - (time.monotonic() - budget_from))
+            model.forward.compile(s.max_batch_size, budget, model.sample_shape)
+        if s.warmup:
+            for b in sorted({1, s.max_batch_size}):
+                model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500))
 
     def stop(self) -> None:
         for w in self.workers.values():

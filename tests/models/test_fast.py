@@ -53,3 +53,14 @@ def test_compile_budget_zero_stays_eager(tiny_store: Path, inputs: tuple[torch.T
     m = load_model(tiny_store / "tiny-rgb")
     assert m.forward.compile(8, budget_seconds=0, sample_shape=m.sample_shape) == []
     torch.testing.assert_close(m.eps(*inputs), load_model(tiny_store / "tiny-rgb").eps(*inputs))
+
+
+def test_pick_layout_keeps_one_layout_and_the_results(tiny_store: Path,
+                                                      inputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    plain = load_model(tiny_store / "tiny-rgb")
+    m = load_model(tiny_store / "tiny-rgb")
+    chosen = m.forward.pick_layout(4, m.sample_shape, rounds=1)
+    weight = m.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last if chosen else torch.contiguous_format)
+    assert m.info()["channels_last"] is chosen
+    torch.testing.assert_close(m.eps(*inputs), plain.eps(*inputs), rtol=0, atol=1e-5)
