@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from functools import partial
+from concurrent.futures import Future
 
 import torch
 
@@ -56,24 +57,38 @@ class Engine:
         if not names:
             raise ModelStoreError(f"{s.model_store}: no model folders found")
         for name in names:
-            model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                               channels_last=s.channels_last is True)
-            worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                                 batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
-            worker.start(prepare=partial(self._prepare, model, budget_from=started))
-            self.models[name] = model
+            loaded: Future[tuple[LoadedModel, BatchWorker]] = Future()
+            threading.Thread(target=self._serve_model, args=(name, device, started, loaded), name=f"worker-{name}",
+                             daemon=True).start()
+            model, worker = loaded.result()  # re-raises what loading raised
+            self.models[name], self.workers[name] = model, worker
             info = model.info()
             self.metrics.model_info.labels(name, info["device"], info["dtype"], str(model.num_train_timesteps),
                                            "x".join(map(str, info["image_size"])), str(info["channels"])).set(1)
-            self.workers[name] = worker
             log.info("model %s ready on %s (%s, channels_last=%s)", name, device, info["dtype"], info["channels_last"])
         self.default_name = s.default_model if s.default_model in self.models else names[0]
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.startup_seconds.set(time.monotonic() - started)
 
+    def _serve_model(self, name: str, device: torch.device, started: float,
+                     loaded: Future[tuple[LoadedModel, BatchWorker]]) -> None:
+        """The thread of one model: load, choose the layout, compile, warm up, then serve (BatchWorker.run_here)."""
+        s = self.settings
+        try:
+            model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                               channels_last=s.channels_last is True)
+            self._prepare(model, budget_from=started)
+            worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                                 batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
+        except BaseException as e:
+            loaded.set_exception(e)
+            return
+        loaded.set_result((model, worker))
+        worker.run_here()
+
     def _prepare(self, model: LoadedModel, budget_from: float) -> None:
-        """Layout choice, compiling and warm-up, run in the model's worker thread (see BatchWorker.start)."""
+        """Layout choice, compiling and warm-up, in the model's own thread."""
         s = self.settings
         if s.threads:  # torch's thread settings are per thread under OpenMP: set them where forwards run
             torch.set_num_threads(s.threads)
