@@ -106,7 +106,8 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
         out[cfg] = row
     out["mixed"] = {}
     for mode, env in MIXED_MODES.items():
-        probes = a.request_probes if mode == "request" else a.probes
+        # under FIFO or request-level batching a probe can wait for whole background requests
+        probes = a.probes if mode == "step, short-first" or batch > 2 * BACKGROUND["n"] else a.request_probes
         with serve(store, batch, **env) as url:
             alone = asyncio.run(latencies_with_background(url, PROBE, probes, None, 0))
             busy = asyncio.run(latencies_with_background(url, PROBE, probes, BACKGROUND, a.background_clients))
@@ -159,13 +160,15 @@ def main() -> None:
     p.add_argument("--limit-seconds", type=float, default=10.0, help="raw forward loop per point")
     p.add_argument("--probes", type=int, default=20, help="S=10 requests per mixed-workload phase")
     p.add_argument("--request-probes", type=int, default=3,
-                   help="probes in request mode, where each waits for whole background requests")
+                   help="probes where each may wait for whole background requests (request mode; FIFO mode "
+                   "when the background fills the batch)")
     p.add_argument("--background-clients", type=int, default=2, help="clients looping S=250, n=8 requests")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles for minutes)")
     p.add_argument("--quality-n", type=int, default=1000, help="samples per S for fp32 vs bf16 FID (0: skip)")
     p.add_argument("--fashion-batch", type=int, default=64)
     p.add_argument("--cifar-batch", type=int, default=16)
     p.add_argument("--models", default="fashion-mnist,cifar10-arch")
+    p.add_argument("--merge", action="store_true", help="keep the other models' results from --json")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     a = p.parse_args()
@@ -177,6 +180,11 @@ def main() -> None:
         print("fp32 vs bfloat16 + channels_last: FID-FMNIST on the same seeds", flush=True)
         results["quality"] = dtype_quality(ROOT / "model_store" / "fashion-mnist",
                                            {"dtype": "bfloat16", "channels_last": True}, (10, 50), a.quality_n)
+    if a.merge and Path(a.json).exists():  # keep the models (and quality rows) of an earlier run not re-run now
+        earlier = json.loads(Path(a.json).read_text())
+        results["quality"] = results.get("quality") or earlier.get("quality")
+        results["models"] = [m for m in earlier["models"] if m["model"] not in a.models.split(",")]
+        results["merged_from"] = earlier.get("args")
     for name in a.models.split(","):
         if name == "fashion-mnist":
             folder, batch = ROOT / "model_store" / "fashion-mnist", a.fashion_batch

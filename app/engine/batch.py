@@ -50,7 +50,10 @@ class ActiveBatch:
         width = max([self.model_t.shape[1], *(p[1].numel() for p in paths)])
         pad = lambda t, w: F.pad(t, (0, w - t.shape[-1]), value=-1)  # noqa: E731
         dev = self.device
-        new_x = torch.stack([r.job.x[r.index] for r in rows]).to(dev, non_blocking=True)
+        new_x = torch.stack([r.job.x[r.index] for r in rows])
+        if dev.type == "cuda":  # a pinned host buffer makes the copy truly asynchronous
+            new_x = new_x.pin_memory()
+        new_x = new_x.to(dev, non_blocking=True)
         self.x = new_x if self.x is None or not len(self.rows) else torch.cat([self.x, new_x])
         self.levels = torch.cat([pad(self.levels, width + 1),
                                  torch.stack([pad(p[0], width + 1) for p in paths]).to(dev)])

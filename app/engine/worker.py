@@ -2,14 +2,8 @@
 
 Requests with different S, eta, variance, schedules and directions share each forward, and a
 new sample joins the running batch at the next step. The worker owns its queue and its thread;
-callers only submit() and wait on the job's future.
-
-Short jobs first: on a compute-bound device a forward costs about as much per sample at batch 16 as
-at 64, so a short request that shares every forward with long ones waits as long as they make it.
-With priority "short-first", while the batch holds jobs of very different lengths (S more than
-SHORT_RATIO times the shortest S), only the short class is stepped; the long rows keep their
-place and state, and get one forward of their own at least every max_defer_steps forwards, so
-they are never starved. Batches of similar jobs (the common case) are always stepped whole.
+callers only submit() and wait on the job's future. With priority "short-first" (app/engine/priority.py)
+far shorter jobs are stepped ahead of long ones.
 """
 
 from __future__ import annotations
@@ -17,21 +11,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import InvalidStateError
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import InvalidStateError
 from typing import Literal
 
 import torch
 
 from app.engine.batch import ActiveBatch, Row
+from app.engine.priority import ShortFirst
 from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob
 from app.metrics import Metrics
 from app.models import LoadedModel
 from app.sampling import generalized_step
 
 log = logging.getLogger(__name__)
-SHORT_RATIO = 4  # jobs with S above this many times the shortest S in the batch wait for the short ones
 
 
 class BatchWorker:
@@ -45,9 +39,8 @@ class BatchWorker:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batching = batching
-        self.priority = priority
-        self.max_defer_steps = max_defer_steps
-        self._deferred = 0  # forwards in a row that skipped the long rows
+        self.short_first = ShortFirst(max_batch_size, max_defer_steps) \
+            if priority == "short-first" and batching == "step" else None
         self.waiting: deque[Row] = deque()
         self.batch = ActiveBatch(model.alphas_cumprod, model.device)
         self._cond = threading.Condition()
@@ -123,26 +116,17 @@ class BatchWorker:
             if self.batching == "request" and row.index == 0 and row.job.n > free - len(rows) and rows:
                 break  # request mode admits whole requests only
             rows.append(self.waiting.popleft())
-        if not rows and self.waiting and self.priority == "short-first" and self.batching == "step":
-            rows = self._short_overtakers()
+        if not rows and self.waiting and self.short_first is not None and len(self.batch):
+            rows = self.short_first.overtakers(self.waiting, len(self.batch), int(self.batch.n_steps.max()))
+            if rows:
+                chosen = {id(r) for r in rows}
+                self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
         now = time.monotonic()
         for r in rows:
             if r.job.first_step_at is None:
                 r.job.first_step_at = now
             self._queue_wait.observe(now - r.job.submitted_at)
         self.batch.add(rows)
-
-    def _short_overtakers(self) -> list[Row]:
-        """With the batch full: waiting samples of jobs far shorter than the longest active job, up to
-        max_batch_size of them beyond the batch. They would be stepped alone anyway, so admitting
-        them now costs the long rows nothing but the short ones' own forwards."""
-        room = 2 * self.max_batch_size - len(self.batch)
-        longest = int(self.batch.n_steps.max()) if len(self.batch) else 0
-        picked = [r for r in self.waiting if SHORT_RATIO * r.job.steps < longest][:max(0, room)]
-        if picked:
-            chosen = {id(r) for r in picked}
-            self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
-        return picked
 
     def _drop_cancelled(self) -> None:
         """Remove cancelled jobs' samples (only scanned after a cancel() call)."""
@@ -158,19 +142,8 @@ class BatchWorker:
             _resolve(job, error=JobCancelled(f"job {job.id} was cancelled"))
 
     def _rows_to_step(self) -> torch.Tensor | None:
-        """The rows this forward steps: None for all of them, else the short class (see module doc)."""
-        b = self.batch
-        if self.priority == "fifo" or self.batching == "request" or len(b) < 2:
-            return None
-        short = b.n_steps <= SHORT_RATIO * b.n_steps.min()
-        if bool(short.all()):
-            self._deferred = 0
-            return None if len(b) <= self.max_batch_size else torch.arange(self.max_batch_size)
-        if self._deferred >= self.max_defer_steps:
-            self._deferred = 0
-            return (~short).nonzero().squeeze(1)[:self.max_batch_size]
-        self._deferred += 1
-        return short.nonzero().squeeze(1)[:self.max_batch_size]
+        """The rows this forward steps: None for all of them."""
+        return None if self.short_first is None else self.short_first.rows_to_step(self.batch.n_steps)
 
     def step(self) -> None:
         """One forward over the chosen active samples, then each sample's own update."""
