@@ -17,9 +17,15 @@ NOTES = """## How to read these numbers
   forwards before, so it carries that cost and can read lower than the server.
 - **Fast paths.** bfloat16 is the big win on this AVX512-BF16 CPU; channels_last helps the CIFAR-size
   UNet and hurts the small one-channel model, so the server times both layouts at warm-up
-  (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs tens of
-  seconds of compiling per batch bucket, so it stays off by default (`DDIM_COMPILE=true` turns it on,
-  within `DDIM_COMPILE_BUDGET_SECONDS`). One torch thread per core is torch's default and the fastest.
+  (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs compile
+  time per batch bucket at startup (28 s for the bundled model's batch of 64 with a cold cache; the
+  ladder's figure is with inductor's on-disk cache warm from earlier runs), so it stays off by
+  default (`DDIM_COMPILE=true` turns it on, within `DDIM_COMPILE_BUDGET_SECONDS`). One torch thread
+  per core is torch's default and the fastest. The ladder's first row is measured first and can
+  absorb warm-up; rows within about 10 % of each other are equal within this machine's noise
+  (no_grad and inference_mode run the same kernels).
+- **p50 "nan"** in a scaling row: no request both started and finished inside the window (at
+  saturation a request's latency is longer than the window); the throughput is still exact.
 - **Mixed workload.** On a CPU a forward's cost grows almost linearly with the batch, so a short
   request that shares every forward with long ones is slowed by their number. Short-first stepping
   (the default) steps far shorter jobs alone while the long ones wait a few forwards; FIFO stepping
