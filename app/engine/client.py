@@ -50,8 +50,6 @@ class Engine:
         """Load every model of the store, warm each up, start its worker (blocking; run in a thread)."""
         s = self.settings
         started = time.monotonic()
-        if s.threads:
-            torch.set_num_threads(s.threads)
         device = pick_device(s.device)
         names = discover(s.model_store)
         if not names:

@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Literal
 
@@ -46,10 +45,7 @@ class BatchWorker:
         self._cond = threading.Condition()
         self._stop = False
         self._cancel_pending = False
-        self._thread = threading.Thread(target=self._run, name=f"worker-{model.name}", daemon=True)
-        self._prepare: Callable[[], None] | None = None
-        self._prepared = threading.Event()
-        self._prepare_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}", daemon=True)
         self._step_seconds = 0.0  # moving average, for Retry-After
         name = model.name
         self._batch_size = metrics.batch_size.labels(name)
@@ -58,15 +54,9 @@ class BatchWorker:
         self._queue_wait = metrics.queue_wait.labels(name)
 
     # -- the interface callers see -------------------------------------------------------------
-    def start(self, prepare: Callable[[], None] | None = None) -> None:
-        """Start the thread; prepare (warm-up, layout choice, compiling) runs in it first, and start returns
-        once it is done (re-raising its error)."""
-        self._prepare = prepare
+    def start(self) -> None:
+        """Serve from a new thread (the engine serves from the model's own thread instead: run_here)."""
         self._thread.start()
-        self._prepared.wait()
-        if self._prepare_error is not None:
-            self._thread.join()
-            raise self._prepare_error
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -189,17 +179,6 @@ class BatchWorker:
         thread (a loading thread, say) leaves a second thread team behind, and the serving thread's
         forwards measured up to 9% slower on 2 cores."""
         self._thread = threading.current_thread()
-        self._loop()
-
-    def _run(self) -> None:
-        try:
-            if self._prepare is not None:
-                self._prepare()
-        except BaseException as e:  # handed to start()'s caller
-            self._prepare_error = e
-            return
-        finally:
-            self._prepared.set()
         self._loop()
 
     def _loop(self) -> None:
