@@ -15,6 +15,7 @@ from app.engine.jobs import JobResult, SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
+from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
 from app.sampling import draw, lerp, sample_generators, slerp, timestep_sequence
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class Engine:
         """Load every model of the store, warm each up, start its worker (blocking; run in a thread)."""
         s = self.settings
         started = time.monotonic()
+        if s.keep_freed_memory and keep_freed_memory():
+            log.info("malloc keeps freed memory (mmap threshold %d MiB)", MMAP_THRESHOLD_MAX >> 20)
         device = pick_device(s.device)
         names = discover(s.model_store)
         if not names:
