@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from app.models import load_model
+from app.models.memory import keep_freed_memory
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,17 +60,42 @@ def ladder(folder: Path, batch: int, seconds: float, compile_path: bool = True) 
     return rows
 
 
-def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, steps: int, seconds: float) -> float:
-    """The engine without HTTP: a real BatchWorker (its own thread, as in the server) kept at 2×B waiting
-    plus active samples of n = 1 jobs; image-steps/s from its own step counter."""
+def keep_freed_rate(folder: Path, batch: int, dtype: str, channels_last: bool, seconds: float) -> float:
+    """The raw forward with malloc keeping freed memory (DDIM_KEEP_FREED_MEMORY): process-wide, so it is
+    measured in a process of its own (benchmarks.isolated.in_child)."""
+    keep_freed_memory()
+    m = load_model(folder, dtype=dtype, channels_last=channels_last)
+    return rate(m.eps, torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,)), seconds)
+
+
+def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, keep_freed: bool, steps: int,
+                seconds: float) -> float:
+    """The engine without HTTP: a real BatchWorker kept at 2×B waiting plus active samples of n = 1
+    jobs; image-steps/s from its own step counter. As in the server, one thread loads the model and
+    serves it (run_here) and this thread runs no torch work; run it in a fresh process (in_child)."""
+    import threading
+    from concurrent.futures import Future
+
     from app.engine.jobs import SampleJob
     from app.engine.worker import BatchWorker
     from app.metrics import Metrics
     from app.sampling import draw, sample_generators, timestep_sequence
 
-    m = load_model(folder, dtype=dtype, channels_last=channels_last)
+    if keep_freed:
+        keep_freed_memory()
     metrics = Metrics()
-    worker = BatchWorker(m, metrics, max_batch_size=batch)
+    ready: Future[BatchWorker] = Future()
+
+    def serve() -> None:
+        m = load_model(folder, dtype=dtype, channels_last=channels_last)
+        m.eps(torch.zeros(batch, *m.sample_shape), torch.full((batch,), 500))
+        worker = BatchWorker(m, metrics, max_batch_size=batch)
+        ready.set_result(worker)
+        worker.run_here()
+
+    threading.Thread(target=serve, daemon=True).start()
+    worker = ready.result()
+    m = worker.model
     seq, seeds = timestep_sequence(steps, m.num_train_timesteps, "uniform"), iter(range(10**9))
     running = True
 
@@ -83,7 +109,6 @@ def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, steps
     counter = metrics.sample_steps.labels(m.name)
     for _ in range(2 * batch):
         submit()
-    worker.start()
     time.sleep(min(5.0, seconds))  # warm-up
     n0, t0 = counter._value.get(), time.perf_counter()
     time.sleep(seconds)

@@ -7,14 +7,21 @@ from typing import Any
 
 NOTES = """## How to read these numbers
 
-- **Noise.** This 2-core virtual machine's speed drifts by 5–10 % over tens of seconds. The limit is
-  therefore measured just before and just after each served window and averaged; ratios within a
-  few percent of a target are within noise. Re-run `make bench` for a second sample.
-- **One thread per model.** Each model is loaded, warmed up and served from a single thread. With
-  OpenMP (torch's CPU backend here), torch work from a second thread leaves a second thread team
-  behind, and the serving thread's bfloat16 forwards measured 5–9 % slower for it. The **engine**
-  column runs the batching loop in a thread of the benchmark process, whose main thread has run
-  forwards before, so it carries that cost and can read lower than the server.
+- **Noise.** This 2-core virtual machine's speed drifts by 5–10 % over tens of seconds. So each
+  config runs rounds: a limit, a served window, a limit, a served window, ..., a limit, and the
+  ratio is of the medians. Ratios within a few percent of a target are within noise; the JSON keeps
+  every round (`limits`, `served_rounds`). Re-run `make bench` for a second sample.
+- **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
+  of their own, in a thread that is not its main thread, as the server runs each model. Torch work
+  from an earlier measurement leaves thread teams and heap state behind that a server process does
+  not have, and the same fp32 forward loop measured 18 % faster in a fresh process's second thread
+  than in its main thread: glibc's main heap and its thread heaps give memory back to the OS
+  differently. With freed memory kept (below) the two agree.
+- **Keep freed memory.** glibc hands big freed blocks back to the OS, so every forward faulted its
+  activations in again as fresh zeroed pages. `DDIM_KEEP_FREED_MEMORY=true` (the default) raises
+  malloc's mmap and trim thresholds once at startup; the limit is measured with the same setting as
+  the server it is compared with. The peer runs as its users run it, with glibc's defaults (in a
+  thread, which favours it: see above).
 - **Fast paths.** bfloat16 is the big win on this AVX512-BF16 CPU; channels_last helps the CIFAR-size
   UNet and hurts the small one-channel model, so the server times both layouts at warm-up
   (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs compile
@@ -51,7 +58,9 @@ numbers measured in this same run. **limit**: a bare loop of the eps-network for
 with the server's dtype and memory layout. **served**: HTTP load on a real server at saturation:
 2×B closed-loop clients, each request n = 1 and S as given; throughput is the server's own
 `ddim_sample_steps_total` over the measurement window. **peer**: diffusers' `DDIMPipeline`, offline,
-fp32, with the same UNet, S and batch. **fp32** is the plain path (float32, contiguous);
+fp32, with the same UNet, S and batch, the mean of a run before and one after the served configs.
+**fp32** is the server with `DDIM_DTYPE=float32` and its other defaults (the memory layout it
+picks at warm-up);
 **default** is what the server runs with no settings: `DDIM_DTYPE=auto` (bfloat16 on CPUs with
 AVX512-BF16 or AMX and on CUDA, else float32) and `DDIM_CHANNELS_LAST=auto` (both layouts timed at
 warm-up, the faster kept)."""
@@ -109,21 +118,24 @@ def _model(r: dict[str, Any]) -> list[str]:
     for p in r["fast_paths"]:
         lines.append(f"| {p['path']} | {_f(p['image_steps_per_s'])} | {_f(p['over_plain'], 2)} | "
                      f"{_f(p['compile_seconds']) if 'compile_seconds' in p else ''} |")
-    lines += ["", f"Peer (DDIMPipeline, fp32): {_f(r['peer'])} image-steps/s.", "",
+    peers = " and ".join(_f(p) for p in r.get("peers", []))
+    lines += ["", f"Peer (DDIMPipeline, fp32): {_f(r['peer'])} image-steps/s"
+              f"{f' (the mean of {peers}, before and after the served configs)' if peers else ''}.", "",
               "### Served against the limit and the peer", "",
-              "| config | dtype | channels_last | limit | engine | engine / limit | served "
+              "| config | dtype | channels_last | keep freed memory | limit | engine | engine / limit | served "
               "| served / limit | served / peer | startup s | RSS MiB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in ("fp32", "default"):
         c = r[cfg]
-        lines.append(f"| {cfg} | {c['dtype']} | {c['channels_last']} | {_f(c['limit'])} | {_f(c['engine'])} | "
+        lines.append(f"| {cfg} | {c['dtype']} | {c['channels_last']} | {c.get('keep_freed_memory', False)} | "
+                     f"{_f(c['limit'])} | {_f(c['engine'])} | "
                      f"{_f(c['engine_over_limit'], 3)} | {_f(c['served']['image_steps_per_s'])} | "
                      f"{_f(c['served_over_limit'], 3)} | "
                      f"{_f(c['served_over_peer'], 2)} | {_f(c['startup_s'])} | {_f(c['rss_mib'], 0)} |")
-    lines += ["", "limit: the mean of a measurement just before and one just after the served window. engine: the",
-              "same batching loop as the server (a BatchWorker in its own thread, 2×B samples of n = 1 jobs) with",
-              "no HTTP. Startup is the server's `ddim_startup_seconds`: loading, warm-up, the layout choice",
-              "(and compiling, when on).", "",
+    lines += ["", "limit and served: medians over the rounds (limit, served, ..., limit). engine: the same",
+              "batching loop as the server (a BatchWorker serving from the thread that loaded it, 2×B samples of",
+              "n = 1 jobs) with no HTTP. Startup is the server's `ddim_startup_seconds`: loading, warm-up, the",
+              "layout choice (and compiling, when on).", "",
               "### Mixed workload", "",
               "Latency (s) of S = 10, n = 1 requests, sent one after another, alone and then with a background",
               "of clients looping S = 250, n = 8 requests (default dtype).", "",

@@ -10,19 +10,21 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
+from app.config import Settings
 from app.models import load_model
 from app.models.fast import bf16_supported
 from app.models.folder import DDPM_CIFAR10_SCHEDULER, DDPM_CIFAR10_UNET, random_model_folder
-from benchmarks.fastpaths import engine_rate, ladder, rate
+from benchmarks.fastpaths import engine_rate, keep_freed_rate, ladder
+from benchmarks.isolated import ForwardLoop, in_child
 from benchmarks.load import closed_loop, latencies_with_background
 from benchmarks.quality import dtype_quality
 from benchmarks.report import write_report
@@ -30,18 +32,13 @@ from tests.server import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = str(os.cpu_count() or 1)
-CONFIGS = {"fp32": {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false"},
-           "default": {}}  # the server's defaults: the fast path it turns on by itself
+# fp32: float32 with the server's other defaults (the layout it picks at warm-up); default: all its defaults,
+# the fast path it turns on by itself
+CONFIGS = {"fp32": {"DDIM_DTYPE": "float32"}, "default": {}}
 MIXED_MODES = {"step, short-first": {"DDIM_BATCHING": "step", "DDIM_PRIORITY": "short-first"},
                "step, fifo": {"DDIM_BATCHING": "step", "DDIM_PRIORITY": "fifo"},
                "request": {"DDIM_BATCHING": "request"}}
 PROBE, BACKGROUND = {"n": 1, "steps": 10}, {"n": 8, "steps": 250}
-
-
-def raw_forward(folder: Path, batch: int, dtype: str, channels_last: bool, seconds: float) -> float:
-    """The limit: image-steps/s of a bare forward loop at batch B, same device and dtype as the server."""
-    m = load_model(folder, dtype=dtype, channels_last=channels_last)
-    return rate(m.eps, torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,)), seconds)
 
 
 def ddim_pipeline(folder: Path, batch: int, steps: int) -> float:
@@ -84,26 +81,45 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
     store.mkdir()
     (store / name).symlink_to(folder.resolve())
     print(f"{name}: fast paths, raw forward at batch {batch}", flush=True)
-    out["fast_paths"] = ladder(folder, batch, a.limit_seconds, compile_path=not a.no_compile)
-    out["peer"] = ddim_pipeline(folder, batch, a.steps)
-    print(f"{name}: DDIMPipeline fp32 {out['peer']:.1f} image-steps/s", flush=True)
+    out["fast_paths"] = in_child(ladder, folder, batch, a.limit_seconds, not a.no_compile)
+    plain = out["fast_paths"][0]["image_steps_per_s"]
+    for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):  # contiguous layout, like the rows above
+        r = in_child(keep_freed_rate, folder, batch, dtype, False, a.limit_seconds)
+        out["fast_paths"].append({"path": f"{short} + keep freed memory", "image_steps_per_s": r,
+                                  "over_plain": r / plain})
+        print(f"  {short} + keep freed memory: {r:.1f} image-steps/s", flush=True)
+    # the peer before and after the served configs (this machine's speed drifts), each in a fresh process
+    peers = [in_child(ddim_pipeline, folder, batch, a.steps)]
     body = {"n": 1, "steps": a.steps}
     for cfg, env in CONFIGS.items():
         with serve(store, batch, **env) as url:
             row: dict[str, Any] = server_facts(url)
-            # the limit just before and just after the served window, with the server idle: this machine's
-            # speed drifts by several percent over a minute, and the mean of the two cancels a linear drift
-            limit = partial(raw_forward, folder, batch, row["dtype"], bool(row["channels_last"]), a.limit_seconds)
-            before = limit()
-            row["served"] = served(url, body, 2 * batch, a)
-            row["limits"] = [before, limit()]
-        row["limit"] = sum(row["limits"]) / 2
-        row["engine"] = engine_rate(folder, batch, row["dtype"], bool(row["channels_last"]), a.steps, a.limit_seconds)
+            row["keep_freed_memory"] = keep = Settings(**{k.removeprefix("DDIM_").lower(): v
+                                                          for k, v in env.items()}).keep_freed_memory
+            row["limits"], row["served_rounds"] = [], []
+            # rounds of limit, served, ..., limit: the limit in its own process with the server idle, then
+            # HTTP load with the limit's process idle; medians, since the speed drifts by several percent
+            with ForwardLoop(folder, batch, row["dtype"], bool(row["channels_last"]), keep) as limit:
+                for _ in range(a.rounds):
+                    row["limits"].append(limit.rate(a.limit_seconds))
+                    row["served_rounds"].append(served(url, body, 2 * batch, a))
+                row["limits"].append(limit.rate(a.limit_seconds))
+        rounds = row["served_rounds"]
+        row["served"] = {"image_steps_per_s": statistics.median(r["image_steps_per_s"] for r in rounds),
+                         "p50_s": statistics.median(r["p50_s"] for r in rounds),
+                         "requests": sum(r["requests"] for r in rounds), "errors": sum(r["errors"] for r in rounds)}
+        row["limit"] = statistics.median(row["limits"])
+        row["engine"] = in_child(engine_rate, folder, batch, row["dtype"], bool(row["channels_last"]), keep,
+                                 a.steps, a.limit_seconds)
         row["engine_over_limit"] = row["engine"] / row["limit"]
-        s = row["served"]["image_steps_per_s"]
-        row["served_over_limit"], row["served_over_peer"] = s / row["limit"], s / out["peer"]
         print(f"{name} {cfg}: {row}", flush=True)
         out[cfg] = row
+    peers.append(in_child(ddim_pipeline, folder, batch, a.steps))
+    out["peers"], out["peer"] = peers, sum(peers) / 2
+    print(f"{name}: DDIMPipeline fp32 {peers} image-steps/s", flush=True)
+    for cfg in CONFIGS:
+        s = out[cfg]["served"]["image_steps_per_s"]
+        out[cfg]["served_over_limit"], out[cfg]["served_over_peer"] = s / out[cfg]["limit"], s / out["peer"]
     out["mixed"] = {}
     for mode, env in MIXED_MODES.items():
         # under FIFO or request-level batching a probe can wait for whole background requests
@@ -155,9 +171,10 @@ def cpu_model() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seconds", type=float, default=30.0, help="HTTP measurement window per point")
-    p.add_argument("--warmup", type=float, default=10.0, help="HTTP load before each window")
-    p.add_argument("--limit-seconds", type=float, default=10.0, help="raw forward loop per point")
+    p.add_argument("--seconds", type=float, default=12.0, help="HTTP measurement window per point")
+    p.add_argument("--warmup", type=float, default=4.0, help="HTTP load before each window")
+    p.add_argument("--limit-seconds", type=float, default=6.0, help="raw forward loop per point")
+    p.add_argument("--rounds", type=int, default=3, help="served windows per config, each between two limits")
     p.add_argument("--probes", type=int, default=20, help="S=10 requests per mixed-workload phase")
     p.add_argument("--request-probes", type=int, default=3,
                    help="probes where each may wait for whole background requests (request mode; FIFO mode "
@@ -172,6 +189,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     a = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", CORES)  # the measuring processes get the server's thread count
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "cpu": cpu_model(), "bf16": bf16_supported(torch.device("cpu")),
                                            "torch": torch.__version__, "cuda": torch.cuda.is_available()},
