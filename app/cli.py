@@ -19,8 +19,11 @@ def _default_workdir(name: str) -> Path:
 def _load(args: argparse.Namespace):  # -> LoadedModel
     from app.config import Settings
     from app.models import discover, load_model, pick_device
+    from app.models.memory import keep_freed_memory
 
     settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     name = args.model or settings.default_model
     names = discover(settings.model_store)
     if args.model is None and name not in names and names:

@@ -60,14 +60,6 @@ def ladder(folder: Path, batch: int, seconds: float, compile_path: bool = True) 
     return rows
 
 
-def keep_freed_rate(folder: Path, batch: int, dtype: str, channels_last: bool, seconds: float) -> float:
-    """The raw forward with malloc keeping freed memory (DDIM_KEEP_FREED_MEMORY): process-wide, so it is
-    measured in a process of its own (benchmarks.isolated.in_child)."""
-    keep_freed_memory()
-    m = load_model(folder, dtype=dtype, channels_last=channels_last)
-    return rate(m.eps, torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,)), seconds)
-
-
 def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, keep_freed: bool, steps: int,
                 seconds: float) -> float:
     """The engine without HTTP: a real BatchWorker kept at 2×B waiting plus active samples of n = 1
@@ -87,9 +79,13 @@ def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, keep_
     ready: Future[BatchWorker] = Future()
 
     def serve() -> None:
-        m = load_model(folder, dtype=dtype, channels_last=channels_last)
-        m.eps(torch.zeros(batch, *m.sample_shape), torch.full((batch,), 500))
-        worker = BatchWorker(m, metrics, max_batch_size=batch)
+        try:
+            m = load_model(folder, dtype=dtype, channels_last=channels_last)
+            m.eps(torch.zeros(batch, *m.sample_shape), torch.full((batch,), 500))
+            worker = BatchWorker(m, metrics, max_batch_size=batch)
+        except BaseException as e:
+            ready.set_exception(e)
+            return
         ready.set_result(worker)
         worker.run_here()
 

@@ -14,14 +14,14 @@ NOTES = """## How to read these numbers
 - **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
   of their own, in a thread that is not its main thread, as the server runs each model. Torch work
   from an earlier measurement leaves thread teams and heap state behind that a server process does
-  not have, and the same fp32 forward loop measured 18 % faster in a fresh process's second thread
-  than in its main thread: glibc's main heap and its thread heaps give memory back to the OS
-  differently. With freed memory kept (below) the two agree.
-- **Keep freed memory.** glibc hands big freed blocks back to the OS, so every forward faulted its
-  activations in again as fresh zeroed pages. `DDIM_KEEP_FREED_MEMORY=true` (the default) raises
-  malloc's mmap and trim thresholds once at startup; the limit is measured with the same setting as
-  the server it is compared with. The peer runs as its users run it, with glibc's defaults (in a
-  thread, which favours it: see above).
+  not have; and under glibc's default malloc settings the same forward loop runs at different
+  speeds in a process's main thread and in its other threads (the malloc table of each model).
+- **Keep freed memory.** Under glibc's defaults every forward faulted its activations in again as
+  fresh zeroed pages. `DDIM_KEEP_FREED_MEMORY=true` (the server's default) fixes malloc's mmap and
+  trim thresholds once at startup (`app/models/memory.py`); the malloc table measures it against
+  the defaults, side by side. The limit runs with the same setting as the server it is compared
+  with. The peer runs with glibc's defaults, as diffusers users run it, so served / peer includes
+  this gain.
 - **Fast paths.** bfloat16 is the big win on this AVX512-BF16 CPU; channels_last helps the CIFAR-size
   UNet and hurts the small one-channel model, so the server times both layouts at warm-up
   (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs compile
@@ -111,6 +111,20 @@ def _quality(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _allocator(r: dict[str, Any]) -> list[str]:
+    """The raw forward under glibc's default malloc settings and with freed memory kept, by thread."""
+    if "allocator" not in r:
+        return []
+    cols = ["default, thread", "default, main thread", "kept, thread", "kept, main thread"]
+    lines = ["### Malloc settings, side by side (raw forward, contiguous layout)", "",
+             f"| dtype | {' | '.join(cols)} | kept / default (thread) |", "|---|---|---|---|---|---|"]
+    for dtype, v in r["allocator"].items():
+        rates = [v[c]["image_steps_per_s"] for c in cols]
+        lines.append(f"| {dtype} | {' | '.join(_f(x) for x in rates)} | {_f(rates[2] / rates[0], 2)} |")
+    return [*lines, "", "Four processes measured in turn, the median of each; \"thread\": the loop runs in a "
+            "thread other than", "the process's main thread, as the server's forwards do.", ""]
+
+
 def _model(r: dict[str, Any]) -> list[str]:
     lines = [f"## {r['model']} (B = {r['batch']}, S = {r['steps']})", "",
              f"### Fast paths, one at a time (raw forward at batch {r['batch']})", "",
@@ -121,8 +135,8 @@ def _model(r: dict[str, Any]) -> list[str]:
     peers = " and ".join(_f(p) for p in r.get("peers", []))
     lines += ["", f"Peer (DDIMPipeline, fp32): {_f(r['peer'])} image-steps/s"
               f"{f' (the mean of {peers}, before and after the served configs)' if peers else ''}.", "",
-              "### Served against the limit and the peer", "",
-              "| config | dtype | channels_last | keep freed memory | limit | engine | engine / limit | served "
+              *_allocator(r), "### Served against the limit and the peer", "",
+              "| config | dtype | channels_last | DDIM_KEEP_FREED_MEMORY | limit | engine | engine / limit | served "
               "| served / limit | served / peer | startup s | RSS MiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in ("fp32", "default"):

@@ -12,7 +12,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,11 @@ import httpx
 import torch
 
 from app.config import Settings
-from app.models import load_model
 from app.models.fast import bf16_supported
 from app.models.folder import DDPM_CIFAR10_SCHEDULER, DDPM_CIFAR10_UNET, random_model_folder
-from benchmarks.fastpaths import engine_rate, keep_freed_rate, ladder
-from benchmarks.isolated import ForwardLoop, in_child
+from benchmarks.fastpaths import engine_rate, ladder
+from benchmarks.isolated import ForwardLoop, allocator_effect, in_child
+from benchmarks.peer import ddim_pipeline
 from benchmarks.load import closed_loop, latencies_with_background
 from benchmarks.quality import dtype_quality
 from benchmarks.report import write_report
@@ -39,20 +38,6 @@ MIXED_MODES = {"step, short-first": {"DDIM_BATCHING": "step", "DDIM_PRIORITY": "
                "step, fifo": {"DDIM_BATCHING": "step", "DDIM_PRIORITY": "fifo"},
                "request": {"DDIM_BATCHING": "request"}}
 PROBE, BACKGROUND = {"n": 1, "steps": 10}, {"n": 8, "steps": 250}
-
-
-def ddim_pipeline(folder: Path, batch: int, steps: int) -> float:
-    """The peer: diffusers' DDIMPipeline offline (fp32) with the same UNet, S and batch."""
-    from diffusers import DDIMPipeline, DDIMScheduler
-
-    m = load_model(folder)
-    pipe = DDIMPipeline(unet=m.unet, scheduler=DDIMScheduler.from_config(m.scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
-    pipe(batch_size=batch, num_inference_steps=2, output_type="np")
-    start = time.perf_counter()
-    with torch.inference_mode():
-        pipe(batch_size=batch, num_inference_steps=steps, output_type="np", eta=0.0)
-    return batch * steps / (time.perf_counter() - start)
 
 
 def served(url: str, body: dict[str, Any], concurrency: int, a: argparse.Namespace) -> dict[str, float]:
@@ -82,12 +67,10 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
     (store / name).symlink_to(folder.resolve())
     print(f"{name}: fast paths, raw forward at batch {batch}", flush=True)
     out["fast_paths"] = in_child(ladder, folder, batch, a.limit_seconds, not a.no_compile)
-    plain = out["fast_paths"][0]["image_steps_per_s"]
-    for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):  # contiguous layout, like the rows above
-        r = in_child(keep_freed_rate, folder, batch, dtype, False, a.limit_seconds)
-        out["fast_paths"].append({"path": f"{short} + keep freed memory", "image_steps_per_s": r,
-                                  "over_plain": r / plain})
-        print(f"  {short} + keep freed memory: {r:.1f} image-steps/s", flush=True)
+    out["allocator"] = {}
+    for dtype in ("float32", "bfloat16"):
+        out["allocator"][dtype] = allocator_effect(folder, batch, dtype, a.limit_seconds, a.rounds)
+        print(f"{name} {dtype} malloc settings x thread: {out['allocator'][dtype]}", flush=True)
     # the peer before and after the served configs (this machine's speed drifts), each in a fresh process
     peers = [in_child(ddim_pipeline, folder, batch, a.steps)]
     body = {"n": 1, "steps": a.steps}
@@ -189,7 +172,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     a = p.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", CORES)  # the measuring processes get the server's thread count
+    os.environ["OMP_NUM_THREADS"] = CORES  # the measuring processes get the servers' thread count
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "cpu": cpu_model(), "bf16": bf16_supported(torch.device("cpu")),
                                            "torch": torch.__version__, "cuda": torch.cuda.is_available()},

@@ -1,17 +1,19 @@
 """Keep freed memory in the process: a CPU fast path of the eps-network forward (glibc only).
 
-glibc hands big freed blocks back to the operating system: a block above the mmap threshold is a
-mapping of its own, unmapped when freed, and free memory at the top of the heap is trimmed once
-it passes the trim threshold. A forward allocates and frees the same activations every step, so
-every step faults them in again as fresh zeroed pages. Raising both thresholds once keeps the
-working set mapped and reused, the way torch's CUDA caching allocator keeps device memory. RSS
-then stays at the largest forward's working set instead of shrinking between steps.
+A forward allocates and frees the same activations every step. glibc serves a block above its
+mmap threshold as a mapping of its own, unmapped when freed, and gives the free top of its heap
+back to the OS once that passes the trim threshold. Both thresholds adapt (up to 32 MiB, and twice
+that) to the largest block freed so far, but the activations of one forward, all freed at its
+end, still leave a free heap top past the trim threshold, so every step faults its whole working
+set in again as fresh zeroed pages (tests/models/test_memory.py counts them). Fixing the mmap
+threshold at its cap and the trim threshold at 1 GiB once keeps that memory mapped and reused,
+the way torch's CUDA caching allocator keeps device memory. RSS then stays at the largest
+forward's working set instead of shrinking between steps.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -21,13 +23,15 @@ TRIM_THRESHOLD = 1 << 30
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process; False where that is not possible."""
+    """Fix glibc's mmap and trim thresholds for this process; False where that is not possible."""
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    if not ok:
-        log.warning("mallopt refused the thresholds; freed memory goes back to the OS as before")
-    return ok
+    refused = [name for name, param, value in (("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                                               ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
+               if mallopt(param, value) != 1]
+    if refused:
+        log.warning("mallopt refused %s; freed memory may still go back to the OS", ", ".join(refused))
+    return not refused
