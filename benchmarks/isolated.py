@@ -50,41 +50,46 @@ def in_thread(fn: Callable[..., T], *args: Any) -> T:
     return done.result()
 
 
-def _forward_loop(conn: Connection, folder: Path, batch: int, dtype: str, channels_last: bool,
-                  keep_freed: bool) -> None:
+def forward_loop(folder: Path, batch: int, dtype: str, channels_last: bool,
+                 keep_freed: bool) -> Callable[[float], float]:
+    """Setup for Resident: the model loaded and warmed; the measure is rate(seconds) of a bare forward loop."""
+    if keep_freed:
+        keep_freed_memory()
+    m = load_model(folder, dtype=dtype, channels_last=channels_last)
+    x, t = torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,))
+    m.eps(x, t)
+    return lambda seconds: rate(m.eps, x, t, seconds)
+
+
+def _serve(conn: Connection, setup: Callable[..., Callable[[Any], float]], args: tuple[Any, ...]) -> None:
     try:
-        if keep_freed:
-            keep_freed_memory()
-        m = load_model(folder, dtype=dtype, channels_last=channels_last)
-        x, t = torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,))
-        m.eps(x, t)
+        measure = setup(*args)
     except BaseException as e:
         conn.send(f"failed: {e!r}")
         raise
     conn.send("ready")
-    while (seconds := conn.recv()) is not None:
-        conn.send(rate(m.eps, x, t, seconds))
+    while (request := conn.recv()) is not None:  # (arg,) to measure, None to stop
+        conn.send(measure(request[0]))
 
 
-class ForwardLoop:
-    """The limit, kept loaded in its own process: rate(seconds) runs a bare forward loop at batch B
-    there while the caller waits, so it can be measured again and again between served windows.
-    thread=False runs it in the process's main thread instead (for allocator_effect)."""
+class Resident:
+    """A measurement kept loaded in a process of its own, so that it can be taken again and again between
+    served windows: setup(*args) runs there once (it must be importable) and returns measure(arg) -> float;
+    calling this runs measure there while the caller waits. thread=False runs it in the process's main
+    thread instead of another one (for allocator_effect)."""
 
-    def __init__(self, folder: Path, batch: int, dtype: str, channels_last: bool, keep_freed: bool,
-                 thread: bool = True) -> None:
+    def __init__(self, setup: Callable[..., Callable[[Any], float]], *args: Any, thread: bool = True) -> None:
         self.conn, child = SPAWN.Pipe()
-        args = (child, folder, batch, dtype, channels_last, keep_freed)
-        self.proc = SPAWN.Process(target=in_thread, args=(_forward_loop, *args), daemon=True) if thread \
-            else SPAWN.Process(target=_forward_loop, args=args, daemon=True)
+        self.proc = SPAWN.Process(target=in_thread, args=(_serve, child, setup, args), daemon=True) if thread \
+            else SPAWN.Process(target=_serve, args=(child, setup, args), daemon=True)
         self.proc.start()
         child.close()  # the child's end lives in the child only: if it dies, recv() raises EOFError
         if (answer := self.conn.recv()) != "ready":
             self.close()
-            raise RuntimeError(f"the forward-loop process did not start: {answer}")
+            raise RuntimeError(f"the measuring process did not start: {answer}")
 
-    def rate(self, seconds: float) -> float:
-        self.conn.send(seconds)
+    def __call__(self, arg: Any = None) -> float:
+        self.conn.send((arg,))
         return float(self.conn.recv())
 
     def close(self) -> None:
@@ -95,7 +100,7 @@ class ForwardLoop:
         if self.proc.is_alive():
             self.proc.kill()
 
-    def __enter__(self) -> ForwardLoop:
+    def __enter__(self) -> Resident:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -108,12 +113,13 @@ def allocator_effect(folder: Path, batch: int, dtype: str, seconds: float, round
     measured in turn, rounds times; medians."""
     variants = {f"{'kept' if keep else 'default'}, {'thread' if thread else 'main thread'}": (keep, thread)
                 for keep in (False, True) for thread in (True, False)}
-    loops = {name: ForwardLoop(folder, batch, dtype, False, keep, thread) for name, (keep, thread) in variants.items()}
+    loops = {name: Resident(forward_loop, folder, batch, dtype, False, keep, thread=thread)
+             for name, (keep, thread) in variants.items()}
     try:
         rates: dict[str, list[float]] = {name: [] for name in loops}
         for r in range(rounds):
             for name in (list(loops) if r % 2 == 0 else list(reversed(loops))):
-                rates[name].append(loops[name].rate(seconds))
+                rates[name].append(loops[name](seconds))
     finally:
         for loop in loops.values():
             loop.close()

@@ -58,7 +58,7 @@ numbers measured in this same run. **limit**: a bare loop of the eps-network for
 with the server's dtype and memory layout. **served**: HTTP load on a real server at saturation:
 2×B closed-loop clients, each request n = 1 and S as given; throughput is the server's own
 `ddim_sample_steps_total` over the measurement window. **peer**: diffusers' `DDIMPipeline`, offline,
-fp32, with the same UNet, S and batch, the mean of a run before and one after the served configs.
+fp32, with the same UNet, S and batch, run once in every round beside the limit and the served window.
 **fp32** is the server with `DDIM_DTYPE=float32` and its other defaults (the memory layout it
 picks at warm-up);
 **default** is what the server runs with no settings: `DDIM_DTYPE=auto` (bfloat16 on CPUs with
@@ -132,21 +132,20 @@ def _model(r: dict[str, Any]) -> list[str]:
     for p in r["fast_paths"]:
         lines.append(f"| {p['path']} | {_f(p['image_steps_per_s'])} | {_f(p['over_plain'], 2)} | "
                      f"{_f(p['compile_seconds']) if 'compile_seconds' in p else ''} |")
-    peers = " and ".join(_f(p) for p in r.get("peers", []))
-    lines += ["", f"Peer (DDIMPipeline, fp32): {_f(r['peer'])} image-steps/s"
-              f"{f' (the mean of {peers}, before and after the served configs)' if peers else ''}.", "",
+    lines += ["", f"Peer (DDIMPipeline, fp32): {_f(r['peer'])} image-steps/s, the median of "
+              f"{len(r.get('peers', [])) or 'its'} runs; each config's rows use the runs of its own rounds.", "",
               *_allocator(r), "### Served against the limit and the peer", "",
               "| config | dtype | channels_last | DDIM_KEEP_FREED_MEMORY | limit | engine | engine / limit | served "
-              "| served / limit | served / peer | startup s | RSS MiB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| served / limit | peer | served / peer | startup s | RSS MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in ("fp32", "default"):
         c = r[cfg]
         lines.append(f"| {cfg} | {c['dtype']} | {c['channels_last']} | {c.get('keep_freed_memory', False)} | "
                      f"{_f(c['limit'])} | {_f(c['engine'])} | "
                      f"{_f(c['engine_over_limit'], 3)} | {_f(c['served']['image_steps_per_s'])} | "
-                     f"{_f(c['served_over_limit'], 3)} | "
+                     f"{_f(c['served_over_limit'], 3)} | {_f(c.get('peer', r['peer']))} | "
                      f"{_f(c['served_over_peer'], 2)} | {_f(c['startup_s'])} | {_f(c['rss_mib'], 0)} |")
-    lines += ["", "limit and served: medians over the rounds (limit, served, ..., limit). engine: the same",
+    lines += ["", "limit, served and peer: medians over the rounds (limit, served, peer, ...). engine: the same",
               "batching loop as the server (a BatchWorker serving from the thread that loaded it, 2×B samples of",
               "n = 1 jobs) with no HTTP. Startup is the server's `ddim_startup_seconds`: loading, warm-up, the",
               "layout choice (and compiling, when on).", "",

@@ -22,7 +22,7 @@ from app.config import Settings
 from app.models.fast import bf16_supported
 from app.models.folder import DDPM_CIFAR10_SCHEDULER, DDPM_CIFAR10_UNET, random_model_folder
 from benchmarks.fastpaths import engine_rate, ladder
-from benchmarks.isolated import ForwardLoop, allocator_effect, in_child
+from benchmarks.isolated import Resident, allocator_effect, forward_loop, in_child
 from benchmarks.peer import ddim_pipeline
 from benchmarks.load import closed_loop, latencies_with_background
 from benchmarks.quality import dtype_quality
@@ -71,38 +71,36 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
     for dtype in ("float32", "bfloat16"):
         out["allocator"][dtype] = allocator_effect(folder, batch, dtype, a.limit_seconds, a.rounds)
         print(f"{name} {dtype} malloc settings x thread: {out['allocator'][dtype]}", flush=True)
-    # the peer before and after the served configs (this machine's speed drifts), each in a fresh process
-    peers = [in_child(ddim_pipeline, folder, batch, a.steps)]
     body = {"n": 1, "steps": a.steps}
-    for cfg, env in CONFIGS.items():
-        with serve(store, batch, **env) as url:
-            row: dict[str, Any] = server_facts(url)
-            row["keep_freed_memory"] = keep = Settings(**{k.removeprefix("DDIM_").lower(): v
-                                                          for k, v in env.items()}).keep_freed_memory
-            row["limits"], row["served_rounds"] = [], []
-            # rounds of limit, served, ..., limit: the limit in its own process with the server idle, then
-            # HTTP load with the limit's process idle; medians, since the speed drifts by several percent
-            with ForwardLoop(folder, batch, row["dtype"], bool(row["channels_last"]), keep) as limit:
-                for _ in range(a.rounds):
-                    row["limits"].append(limit.rate(a.limit_seconds))
-                    row["served_rounds"].append(served(url, body, 2 * batch, a))
-                row["limits"].append(limit.rate(a.limit_seconds))
-        rounds = row["served_rounds"]
-        row["served"] = {"image_steps_per_s": statistics.median(r["image_steps_per_s"] for r in rounds),
-                         "p50_s": statistics.median(r["p50_s"] for r in rounds),
-                         "requests": sum(r["requests"] for r in rounds), "errors": sum(r["errors"] for r in rounds)}
-        row["limit"] = statistics.median(row["limits"])
-        row["engine"] = in_child(engine_rate, folder, batch, row["dtype"], bool(row["channels_last"]), keep,
-                                 a.steps, a.limit_seconds)
-        row["engine_over_limit"] = row["engine"] / row["limit"]
-        print(f"{name} {cfg}: {row}", flush=True)
-        out[cfg] = row
-    peers.append(in_child(ddim_pipeline, folder, batch, a.steps))
-    out["peers"], out["peer"] = peers, sum(peers) / 2
-    print(f"{name}: DDIMPipeline fp32 {peers} image-steps/s", flush=True)
-    for cfg in CONFIGS:
-        s = out[cfg]["served"]["image_steps_per_s"]
-        out[cfg]["served_over_limit"], out[cfg]["served_over_peer"] = s / out[cfg]["limit"], s / out["peer"]
+    all_peers: list[float] = []
+    with Resident(ddim_pipeline, folder, batch, a.steps) as peer:
+        for cfg, env in CONFIGS.items():
+            with serve(store, batch, **env) as url:
+                row: dict[str, Any] = server_facts(url)
+                row["keep_freed_memory"] = keep = Settings(**{k.removeprefix("DDIM_").lower(): v
+                                                              for k, v in env.items()}).keep_freed_memory
+                row["limits"], row["served_rounds"], row["peers"] = [], [], []
+                # rounds of limit, served, peer, ...: each in its own process while the others idle, and
+                # medians, since this machine's speed drifts by several percent over a minute
+                with Resident(forward_loop, folder, batch, row["dtype"], bool(row["channels_last"]), keep) as limit:
+                    for _ in range(a.rounds):
+                        row["limits"].append(limit(a.limit_seconds))
+                        row["served_rounds"].append(served(url, body, 2 * batch, a))
+                        row["peers"].append(peer())
+            rounds = row["served_rounds"]
+            s = statistics.median(r["image_steps_per_s"] for r in rounds)
+            row["served"] = {"image_steps_per_s": s, "p50_s": statistics.median(r["p50_s"] for r in rounds),
+                             "requests": sum(r["requests"] for r in rounds),
+                             "errors": sum(r["errors"] for r in rounds)}
+            row["limit"], row["peer"] = statistics.median(row["limits"]), statistics.median(row["peers"])
+            row["served_over_limit"], row["served_over_peer"] = s / row["limit"], s / row["peer"]
+            row["engine"] = in_child(engine_rate, folder, batch, row["dtype"], bool(row["channels_last"]), keep,
+                                     a.steps, a.limit_seconds)
+            row["engine_over_limit"] = row["engine"] / row["limit"]
+            print(f"{name} {cfg}: {row}", flush=True)
+            out[cfg] = row
+            all_peers += row["peers"]
+    out["peers"], out["peer"] = all_peers, statistics.median(all_peers)
     out["mixed"] = {}
     for mode, env in MIXED_MODES.items():
         # under FIFO or request-level batching a probe can wait for whole background requests
