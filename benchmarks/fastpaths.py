@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from app.models import load_model
-from app.models.memory import keep_freed_memory
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -60,38 +59,22 @@ def ladder(folder: Path, batch: int, seconds: float, compile_path: bool = True) 
     return rows
 
 
-def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, keep_freed: bool, steps: int,
+def engine_rate(store: Path, batch: int, dtype: str, channels_last: bool, keep_freed: bool, steps: int,
                 seconds: float) -> float:
-    """The engine without HTTP: a real BatchWorker kept at 2×B waiting plus active samples of n = 1
-    jobs; image-steps/s from its own step counter. As in the server, one thread loads the model and
-    serves it (run_here) and this thread runs no torch work; run it in a fresh process (in_child)."""
-    import threading
-    from concurrent.futures import Future
-
+    """The engine without HTTP: the server's own Engine.load (one thread loads, warms up and serves each
+    model) on a store of one model, kept at 2×B waiting plus active samples of n = 1 jobs; image-steps/s
+    from its step counter. This thread runs no torch work; run it in a fresh process (in_child)."""
+    from app.config import Settings
+    from app.engine.client import Engine
     from app.engine.jobs import SampleJob
-    from app.engine.worker import BatchWorker
     from app.metrics import Metrics
     from app.sampling import draw, sample_generators, timestep_sequence
 
-    if keep_freed:
-        keep_freed_memory()
-    metrics = Metrics()
-    ready: Future[BatchWorker] = Future()
-
-    def serve() -> None:
-        try:
-            m = load_model(folder, dtype=dtype, channels_last=channels_last)
-            m.eps(torch.zeros(batch, *m.sample_shape), torch.full((batch,), 500))
-            worker = BatchWorker(m, metrics, max_batch_size=batch)
-        except BaseException as e:
-            ready.set_exception(e)
-            return
-        ready.set_result(worker)
-        worker.run_here()
-
-    threading.Thread(target=serve, daemon=True).start()
-    worker = ready.result()
-    m = worker.model
+    engine = Engine(Settings(model_store=store, dtype=dtype, channels_last=channels_last,
+                             keep_freed_memory=keep_freed, max_batch_size=batch), Metrics())
+    engine.load()
+    m = engine.model(None)
+    worker = engine.workers[m.name]
     seq, seeds = timestep_sequence(steps, m.num_train_timesteps, "uniform"), iter(range(10**9))
     running = True
 
@@ -102,7 +85,7 @@ def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, keep_
         job.future.add_done_callback(submit)  # one finishes, the next comes: a closed loop
         worker.submit(job)
 
-    counter = metrics.sample_steps.labels(m.name)
+    counter = engine.metrics.sample_steps.labels(m.name)
     for _ in range(2 * batch):
         submit()
     time.sleep(min(5.0, seconds))  # warm-up
@@ -110,5 +93,5 @@ def engine_rate(folder: Path, batch: int, dtype: str, channels_last: bool, keep_
     time.sleep(seconds)
     rate_ = (counter._value.get() - n0) / (time.perf_counter() - t0)
     running = False
-    worker.stop()
+    engine.stop()
     return rate_

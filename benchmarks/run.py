@@ -94,7 +94,7 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
                              "errors": sum(r["errors"] for r in rounds)}
             row["limit"], row["peer"] = statistics.median(row["limits"]), statistics.median(row["peers"])
             row["served_over_limit"], row["served_over_peer"] = s / row["limit"], s / row["peer"]
-            row["engine"] = in_child(engine_rate, folder, batch, row["dtype"], bool(row["channels_last"]), keep,
+            row["engine"] = in_child(engine_rate, store, batch, row["dtype"], bool(row["channels_last"]), keep,
                                      a.steps, a.limit_seconds)
             row["engine_over_limit"] = row["engine"] / row["limit"]
             print(f"{name} {cfg}: {row}", flush=True)
@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=12.0, help="HTTP measurement window per point")
     p.add_argument("--warmup", type=float, default=4.0, help="HTTP load before each window")
     p.add_argument("--limit-seconds", type=float, default=6.0, help="raw forward loop per point")
-    p.add_argument("--rounds", type=int, default=3, help="served windows per config, each between two limits")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of limit, served window and peer per config")
     p.add_argument("--probes", type=int, default=20, help="S=10 requests per mixed-workload phase")
     p.add_argument("--request-probes", type=int, default=3,
                    help="probes where each may wait for whole background requests (request mode; FIFO mode "

@@ -175,9 +175,8 @@ class BatchWorker:
 
     def run_here(self) -> None:
         """Serve from the calling thread, which becomes this worker's thread, until stop(). The engine
-        loads, warms up and serves each model from one thread: with OpenMP, torch work from a second
-        thread (a loading thread, say) leaves a second thread team behind, and the serving thread's
-        forwards measured up to 9% slower on 2 cores."""
+        loads, warms up and serves each model from one thread: with OpenMP, each thread that runs torch
+        work keeps a thread team of its own, so a separate loading thread would leave a second one behind."""
         self._thread = threading.current_thread()
         self._loop()
 
