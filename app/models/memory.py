@@ -4,11 +4,13 @@ A forward allocates and frees the same activations every step. glibc serves a bl
 mmap threshold as a mapping of its own, unmapped when freed, and gives the free top of its heap
 back to the OS once that passes the trim threshold. Both thresholds adapt (up to 32 MiB, and twice
 that) to the largest block freed so far, but the activations of one forward, all freed at its
-end, still leave a free heap top past the trim threshold, so every step faults its whole working
-set in again as fresh zeroed pages (tests/models/test_memory.py counts them). Fixing the mmap
+end, often still leave a free heap top past the trim threshold (how often depends on where they
+land in the heap), and then the next step faults its whole working set in again as fresh zeroed
+pages (10-11 % of the bundled model's forward rate here: docs/benchmarks.md). Fixing the mmap
 threshold at its cap and the trim threshold at 1 GiB once keeps that memory mapped and reused,
 the way torch's CUDA caching allocator keeps device memory. RSS then stays at the largest
-forward's working set instead of shrinking between steps.
+forward's working set instead of shrinking between steps (tests/models/test_memory.py). With
+another malloc preloaded (jemalloc, tcmalloc) glibc's settings would change nothing, and this says so.
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses more on 64-bit (half of its heap size)
 TRIM_THRESHOLD = 1 << 30
+GLIBC = "libc.so.6"  # glibc's soname on every Linux it runs on
 
 
 def keep_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process; False where that is not possible."""
+    """Fix glibc's mmap and trim thresholds for this process; False where that would change nothing."""
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
+        glibc = ctypes.CDLL(GLIBC)
+        process = ctypes.CDLL(None)  # the symbols this process resolves, an LD_PRELOADed malloc first
+    except OSError:  # not glibc (musl, macOS, Windows): nothing to tune
         return False
+    if _address(process.malloc) != _address(glibc.malloc):
+        log.warning("malloc here is not glibc's (LD_PRELOAD?); DDIM_KEEP_FREED_MEMORY has no effect")
+        return False
+    mallopt = glibc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     refused = [name for name, param, value in (("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
                                                ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
@@ -35,3 +43,7 @@ def keep_freed_memory() -> bool:
     if refused:
         log.warning("mallopt refused %s; freed memory may still go back to the OS", ", ".join(refused))
     return not refused
+
+
+def _address(function: ctypes._CFuncPtr) -> int | None:
+    return ctypes.cast(function, ctypes.c_void_p).value
