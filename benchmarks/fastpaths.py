@@ -59,11 +59,12 @@ def ladder(folder: Path, batch: int, seconds: float, compile_path: bool = True) 
     return rows
 
 
-def engine_rate(store: Path, batch: int, dtype: str, channels_last: bool, keep_freed: bool, steps: int,
-                seconds: float) -> float:
-    """The engine without HTTP: the server's own Engine.load (one thread loads, warms up and serves each
-    model) on a store of one model, kept at 2×B waiting plus active samples of n = 1 jobs; image-steps/s
-    from its step counter. This thread runs no torch work; run it in a fresh process (in_child)."""
+def engine_loop(store: Path, batch: int, dtype: str, channels_last: bool, keep_freed: bool,
+                steps: int) -> Callable[[float], float]:
+    """Setup for benchmarks.isolated.Resident: the engine without HTTP, the server's own Engine.load (one
+    thread loads, warms up and serves each model) on a store of one model, kept at 2×B waiting plus
+    active samples of n = 1 jobs from now on (stop the process, SIGSTOP, while others are measured).
+    The measure is image-steps/s over `seconds` from the engine's step counter, after 0.5 s to settle."""
     from app.config import Settings
     from app.engine.client import Engine
     from app.engine.jobs import SampleJob
@@ -76,11 +77,8 @@ def engine_rate(store: Path, batch: int, dtype: str, channels_last: bool, keep_f
     m = engine.model(None)
     worker = engine.workers[m.name]
     seq, seeds = timestep_sequence(steps, m.num_train_timesteps, "uniform"), iter(range(10**9))
-    running = True
 
     def submit(_: object = None) -> None:
-        if not running:
-            return
         job = SampleJob("generate", draw(sample_generators(next(seeds), 1), m.sample_shape), seq)
         job.future.add_done_callback(submit)  # one finishes, the next comes: a closed loop
         worker.submit(job)
@@ -88,10 +86,11 @@ def engine_rate(store: Path, batch: int, dtype: str, channels_last: bool, keep_f
     counter = engine.metrics.sample_steps.labels(m.name)
     for _ in range(2 * batch):
         submit()
-    time.sleep(min(5.0, seconds))  # warm-up
-    n0, t0 = counter._value.get(), time.perf_counter()
-    time.sleep(seconds)
-    rate_ = (counter._value.get() - n0) / (time.perf_counter() - t0)
-    running = False
-    engine.stop()
-    return rate_
+
+    def measure(seconds: float) -> float:
+        time.sleep(0.5)
+        n0, t0 = counter._value.get(), time.perf_counter()
+        time.sleep(seconds)
+        return float((counter._value.get() - n0) / (time.perf_counter() - t0))
+
+    return measure

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +35,14 @@ class LoadResult:
         return statistics.median(self.latencies) if self.latencies else float("nan")
 
 
-async def sample_steps(client: httpx.AsyncClient) -> float:
+def steps_in(metrics: str) -> float:
     """The server's own count of sample-steps computed (ddim_sample_steps_total, all models)."""
-    text = (await client.get("/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("ddim_sample_steps_total{"))
+
+
+async def sample_steps(client: httpx.AsyncClient) -> float:
+    return steps_in((await client.get("/metrics")).text)
 
 
 async def idle(client: httpx.AsyncClient, timeout: float = 120.0) -> None:
@@ -48,6 +52,11 @@ async def idle(client: httpx.AsyncClient, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the server did not drain")
         await asyncio.sleep(0.1)
+
+
+async def drained(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        await idle(client)
 
 
 class Connection:
@@ -76,6 +85,49 @@ class Connection:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Background:
+    """concurrency closed-loop clients in a thread of their own, each posting body again as soon as its
+    last answer came, until the block ends; they count answered requests and errors."""
+
+    def __init__(self, url: str, body: dict[str, Any], concurrency: int) -> None:
+        self.url, self.body, self.concurrency = url, body, concurrency
+        self.answered = self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._clients(),), daemon=True)
+
+    async def _clients(self) -> None:
+        async def client(i: int) -> None:
+            conn, k = Connection(self.url), 0
+            try:
+                while not self._stop.is_set():
+                    k += 1
+                    try:
+                        status, _ = await conn.post("/generate", {**self.body, "seed": 1000 * i + k})
+                    except (OSError, asyncio.IncompleteReadError):  # e.g. an idle keep-alive connection closed
+                        conn.close()
+                        conn, status = Connection(self.url), 0
+                    self.answered += status == 200
+                    self.errors += status != 200
+            finally:
+                conn.close()
+
+        tasks = [asyncio.create_task(client(i)) for i in range(self.concurrency)]
+        while not self._stop.is_set():
+            await asyncio.sleep(0.1)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        asyncio.run(drained(self.url))  # the server cancels the hung-up clients' jobs
 
 
 async def closed_loop(url: str, body: dict[str, Any], concurrency: int, seconds: float,
@@ -116,8 +168,7 @@ async def closed_loop(url: str, body: dict[str, Any], concurrency: int, seconds:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     res.image_steps, res.seconds = int(steps1 - steps0), t1 - t0
-    async with httpx.AsyncClient(base_url=url, timeout=60) as monitor:
-        await idle(monitor)
+    await drained(url)
     return res
 
 

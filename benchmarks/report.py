@@ -7,10 +7,16 @@ from typing import Any
 
 NOTES = """## How to read these numbers
 
-- **Noise.** This 2-core virtual machine's speed drifts by 5–10 % over tens of seconds. So each
-  config runs rounds: a limit, a served window, a limit, a served window, ..., a limit, and the
-  ratio is of the medians. Ratios within a few percent of a target are within noise; the JSON keeps
-  every round (`limits`, `served_rounds`). Re-run `make bench` for a second sample.
+- **Noise, and pairing.** This 2-core virtual machine's speed drifts by 5–10 % over tens of
+  seconds, and one process can run the same forward loop up to 10 % slower than another for its
+  whole life (seen with several fresh limit processes measured in turn). So each config runs
+  rounds, each with a fresh server, a fresh limit process and a fresh engine process
+  (`benchmarks/paired.py`). In a round the server stays at saturation under its HTTP clients, and
+  short slices alternate in which only one of them computes: the limit and the engine run while the
+  server is stopped (SIGSTOP), the served window while they idle. Each ratio pairs numbers taken
+  seconds apart; the table shows the medians over the rounds of the rates and of each round's own
+  ratios. The JSON keeps every slice of every round (`rounds`). Re-run `make bench` for a second
+  sample.
 - **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
   of their own, in a thread that is not its main thread, as the server runs each model. Torch work
   from an earlier measurement leaves thread teams and heap state behind that a server process does
@@ -58,7 +64,7 @@ numbers measured in this same run. **limit**: a bare loop of the eps-network for
 with the server's dtype and memory layout. **served**: HTTP load on a real server at saturation:
 2×B closed-loop clients, each request n = 1 and S as given; throughput is the server's own
 `ddim_sample_steps_total` over the measurement window. **peer**: diffusers' `DDIMPipeline`, offline,
-fp32, with the same UNet, S and batch, run once in every round beside the limit and the served window.
+fp32, with the same UNet, S and batch, run once in every round while the server is stopped.
 **fp32** is the server with `DDIM_DTYPE=float32` and its other defaults (the memory layout it
 picks at warm-up);
 **default** is what the server runs with no settings: `DDIM_DTYPE=auto` (bfloat16 on CPUs with
@@ -125,6 +131,20 @@ def _allocator(r: dict[str, Any]) -> list[str]:
             "thread other than", "the process's main thread, as the server's forwards do.", ""]
 
 
+def _rounds(r: dict[str, Any]) -> list[str]:
+    """Each round's own rates and ratios (a fresh server, limit and engine process per round)."""
+    if "rounds" not in r["default"]:  # results from before paired rounds
+        return []
+    lines = ["| config | round | channels_last | limit | engine | served | peer | served / limit | engine / limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cfg in ("fp32", "default"):
+        for i, x in enumerate(r[cfg]["rounds"], 1):
+            lines.append(f"| {cfg} | {i} | {x['channels_last']} | {_f(x['limit'])} | {_f(x['engine'])} | "
+                         f"{_f(x['served'])} | {_f(x['peer'])} | {_f(x['served_over_limit'], 3)} | "
+                         f"{_f(x['engine_over_limit'], 3)} |")
+    return [*lines, ""]
+
+
 def _model(r: dict[str, Any]) -> list[str]:
     lines = [f"## {r['model']} (B = {r['batch']}, S = {r['steps']})", "",
              f"### Fast paths, one at a time (raw forward at batch {r['batch']})", "",
@@ -145,10 +165,11 @@ def _model(r: dict[str, Any]) -> list[str]:
                      f"{_f(c['engine_over_limit'], 3)} | {_f(c['served']['image_steps_per_s'])} | "
                      f"{_f(c['served_over_limit'], 3)} | {_f(c.get('peer', r['peer']))} | "
                      f"{_f(c['served_over_peer'], 2)} | {_f(c['startup_s'])} | {_f(c['rss_mib'], 0)} |")
-    lines += ["", "limit, served and peer: medians over the rounds (limit, served, peer, ...). engine: the same",
+    lines += ["", "Rates and ratios: medians over the rounds (fresh processes each, paired slices: see the notes).",
+              "engine: the same",
               "batching loop as the server (a BatchWorker serving from the thread that loaded it, 2×B samples of",
               "n = 1 jobs) with no HTTP. Startup is the server's `ddim_startup_seconds`: loading, warm-up, the",
-              "layout choice (and compiling, when on).", "",
+              "layout choice (and compiling, when on).", "", *_rounds(r),
               "### Mixed workload", "",
               "Latency (s) of S = 10, n = 1 requests, sent one after another, alone and then with a background",
               "of clients looping S = 250, n = 8 requests (default dtype).", "",

@@ -21,10 +21,11 @@ import torch
 from app.config import Settings
 from app.models.fast import bf16_supported
 from app.models.folder import DDPM_CIFAR10_SCHEDULER, DDPM_CIFAR10_UNET, random_model_folder
-from benchmarks.fastpaths import engine_rate, ladder
-from benchmarks.isolated import Resident, allocator_effect, forward_loop, in_child
-from benchmarks.peer import ddim_pipeline
+from benchmarks.fastpaths import ladder
+from benchmarks.isolated import Resident, allocator_effect, in_child
 from benchmarks.load import closed_loop, latencies_with_background
+from benchmarks.paired import paired_round, summary
+from benchmarks.peer import ddim_pipeline
 from benchmarks.quality import dtype_quality
 from benchmarks.report import write_report
 from tests.server import running_server
@@ -75,28 +76,19 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
     all_peers: list[float] = []
     with Resident(ddim_pipeline, folder, batch, a.steps) as peer:
         for cfg, env in CONFIGS.items():
-            with serve(store, batch, **env) as url:
-                row: dict[str, Any] = server_facts(url)
-                row["keep_freed_memory"] = keep = Settings(**{k.removeprefix("DDIM_").lower(): v
-                                                              for k, v in env.items()}).keep_freed_memory
-                row["limits"], row["served_rounds"], row["peers"] = [], [], []
-                # rounds of limit, served, peer, ...: each in its own process while the others idle, and
-                # medians, since this machine's speed drifts by several percent over a minute
-                with Resident(forward_loop, folder, batch, row["dtype"], bool(row["channels_last"]), keep) as limit:
-                    for _ in range(a.rounds):
-                        row["limits"].append(limit(a.limit_seconds))
-                        row["served_rounds"].append(served(url, body, 2 * batch, a))
-                        row["peers"].append(peer())
-            rounds = row["served_rounds"]
-            s = statistics.median(r["image_steps_per_s"] for r in rounds)
-            row["served"] = {"image_steps_per_s": s, "p50_s": statistics.median(r["p50_s"] for r in rounds),
-                             "requests": sum(r["requests"] for r in rounds),
-                             "errors": sum(r["errors"] for r in rounds)}
-            row["limit"], row["peer"] = statistics.median(row["limits"]), statistics.median(row["peers"])
-            row["served_over_limit"], row["served_over_peer"] = s / row["limit"], s / row["peer"]
-            row["engine"] = in_child(engine_rate, store, batch, row["dtype"], bool(row["channels_last"]), keep,
-                                     a.steps, a.limit_seconds)
-            row["engine_over_limit"] = row["engine"] / row["limit"]
+            keep = Settings(**{k.removeprefix("DDIM_").lower(): v for k, v in env.items()}).keep_freed_memory
+            rounds = []
+            for _ in range(a.rounds):  # a fresh server each round (benchmarks/paired.py says why)
+                with serve(store, batch, **env) as url:
+                    facts = server_facts(url)
+                    paired = paired_round(url, server_pid(url), store, folder, batch, facts, keep, peer, a.steps,
+                                          a.slices, a.warmup, a.slice_seconds)
+                    rounds.append({**facts, **paired})
+            row: dict[str, Any] = {**{k: rounds[0][k] for k in ("dtype", "channels_last")},
+                                   "startup_s": statistics.median(r["startup_s"] for r in rounds),
+                                   "rss_mib": statistics.median(r["rss_mib"] for r in rounds),
+                                   "layouts": [r["channels_last"] for r in rounds], "keep_freed_memory": keep,
+                                   **summary(rounds), "rounds": rounds}
             print(f"{name} {cfg}: {row}", flush=True)
             out[cfg] = row
             all_peers += row["peers"]
@@ -124,20 +116,24 @@ def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> d
     return out
 
 
-def server_rss(url: str) -> float:
-    """RSS of the server process, read from /proc by the port it listens on."""
-    port = url.rsplit(":", 1)[1]
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def server_pid(url: str) -> int:
+    """The server process's id, found in /proc by the port it listens on."""
+    port = url.rsplit(":", 1)[1].encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"app.main" in cmd and port.encode() in cmd:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+        if b"app.main" in cmd and port in cmd:
+            return int(pid)
+    raise LookupError(f"no ddim-serve process listens on port {port.decode()}")
+
+
+def server_rss(url: str) -> float:
+    """RSS of the server process (MiB)."""
+    for line in Path(f"/proc/{server_pid(url)}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
     return float("nan")
 
 
@@ -152,10 +148,14 @@ def cpu_model() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seconds", type=float, default=12.0, help="HTTP measurement window per point")
+    p.add_argument("--seconds", type=float, default=12.0, help="HTTP measurement window per scaling point")
     p.add_argument("--warmup", type=float, default=4.0, help="HTTP load before each window")
-    p.add_argument("--limit-seconds", type=float, default=6.0, help="raw forward loop per point")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of limit, served window and peer per config")
+    p.add_argument("--limit-seconds", type=float, default=6.0, help="raw forward loop per fast-path and malloc row")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds per config, each with a fresh server, limit and engine process (benchmarks/paired.py)")
+    p.add_argument("--slices", type=int, default=3, help="slices of limit, engine and served window per round")
+    p.add_argument("--slice-seconds", type=float, default=4.0,
+                   help="limit per slice; engine and served windows too, stretched to span 25 forwards")
     p.add_argument("--probes", type=int, default=20, help="S=10 requests per mixed-workload phase")
     p.add_argument("--request-probes", type=int, default=3,
                    help="probes where each may wait for whole background requests (request mode; FIFO mode "

@@ -27,14 +27,16 @@ from app.sampling import draw, sample_generators
 router = APIRouter()
 
 
-def _engine(request: Request) -> Engine:
+# async: FastAPI runs a plain-def dependency in its thread pool, which would cost each request two
+# thread hops (and wake-ups beside the eps-network's threads) for an attribute lookup
+async def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     if not engine.ready:
         raise NotReady(engine.error or "models are still loading")
     return engine
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
