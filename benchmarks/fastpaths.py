@@ -93,4 +93,5 @@ def engine_loop(store: Path, batch: int, dtype: str, channels_last: bool, keep_f
         time.sleep(seconds)
         return float((counter._value.get() - n0) / (time.perf_counter() - t0))
 
+    measure.stop = engine.stop  # type: ignore[attr-defined]
     return measure

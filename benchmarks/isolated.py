@@ -70,6 +70,8 @@ def _serve(conn: Connection, setup: Callable[..., Callable[[Any], float]], args:
     conn.send("ready")
     while (request := conn.recv()) is not None:  # (arg,) to measure, None to stop
         conn.send(measure(request[0]))
+    if callable(stop := getattr(measure, "stop", None)):  # e.g. an engine's worker threads, before the process ends
+        stop()
 
 
 class Resident:

@@ -17,6 +17,18 @@ NOTES = """## How to read these numbers
   seconds apart; the table shows the medians over the rounds of the rates and of each round's own
   ratios. The JSON keeps every slice of every round (`rounds`). Re-run `make bench` for a second
   sample.
+- **Where served loses to the limit.** Three measurements place the bundled model's few percent
+  in bfloat16. (1) In one thread of one process, the server's own `BatchWorker.step` loop (batch
+  assembly, the forward, the Eq. 12 update, bookkeeping) ran at 1.007× a bare forward loop on the
+  same model, alternating 2.5 s slices: the step itself costs nothing measurable. (2) In one
+  server process, HTTP load and the same load submitted inside the process alternated at 1.01×.
+  (3) Fresh processes running the very same forward loop differ: in three of five tests of 6 to 12 fresh
+  processes each, measured in turn, one process in each ran 10–15 % slower than the rest in every
+  slice (all three had timed both layouts at warm-up, as the server does; no process that loaded
+  its layout directly did, out of 18, which is a lead, not yet a finding). The engine and served
+  columns inherit that spread from the server process each round starts, which is why every round
+  starts fresh ones and the table shows medians. In the last run, served / engine (what HTTP itself
+  costs) was 0.98 in each of the bundled model's bfloat16 rounds.
 - **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
   of their own, in a thread that is not its main thread, as the server runs each model. Torch work
   from an earlier measurement leaves thread teams and heap state behind that a server process does
@@ -102,8 +114,9 @@ def _summary(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _quality(rows: list[dict[str, Any]]) -> list[str]:
+def _quality(rows: list[dict[str, Any]], source: dict[str, Any] | None = None) -> list[str]:
     lines = ["## Does bfloat16 cost quality? (bundled model, FID-FMNIST)", "",
+             *([f"These rows come from an earlier run (`--merge`) with arguments {source}.", ""] if source else []),
              "The same seeds sampled with η = 0 under fp32 and under bfloat16 + channels_last; FID-FMNIST",
              "against the 10,000 test images (see docs/quality.md for the metric). Noise is the bootstrap",
              "standard deviation of the fp32 FID (its samples resampled 50 times).", "",
@@ -166,10 +179,9 @@ def _model(r: dict[str, Any]) -> list[str]:
                      f"{_f(c['served_over_limit'], 3)} | {_f(c.get('peer', r['peer']))} | "
                      f"{_f(c['served_over_peer'], 2)} | {_f(c['startup_s'])} | {_f(c['rss_mib'], 0)} |")
     lines += ["", "Rates and ratios: medians over the rounds (fresh processes each, paired slices: see the notes).",
-              "engine: the same",
-              "batching loop as the server (a BatchWorker serving from the thread that loaded it, 2×B samples of",
-              "n = 1 jobs) with no HTTP. Startup is the server's `ddim_startup_seconds`: loading, warm-up, the",
-              "layout choice (and compiling, when on).", "", *_rounds(r),
+              "engine: the same batching loop as the server (a BatchWorker serving from the thread that loaded it,",
+              "2×B samples of n = 1 jobs) with no HTTP. Startup is the server's `ddim_startup_seconds`: loading,",
+              "warm-up, the layout choice (and compiling, when on).", "", *_rounds(r),
               "### Mixed workload", "",
               "Latency (s) of S = 10, n = 1 requests, sent one after another, alone and then with a background",
               "of clients looping S = 250, n = 8 requests (default dtype).", "",
@@ -198,7 +210,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"{results['merged_from']}."] if results.get("merged_from") else []), "",
              EXPLAIN, "", *_summary(results)]
     if results.get("quality"):
-        lines += _quality(results["quality"])
+        lines += _quality(results["quality"], results.get("quality_from"))
     for r in results["models"]:
         lines += _model(r)
     lines += [NOTES, CUDA_NOTE]

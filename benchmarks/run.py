@@ -181,7 +181,9 @@ def main() -> None:
                                            {"dtype": "bfloat16", "channels_last": True}, (10, 50), a.quality_n)
     if a.merge and Path(a.json).exists():  # keep the models (and quality rows) of an earlier run not re-run now
         earlier = json.loads(Path(a.json).read_text())
-        results["quality"] = results.get("quality") or earlier.get("quality")
+        if not results.get("quality") and earlier.get("quality"):
+            results["quality"] = earlier["quality"]
+            results["quality_from"] = earlier.get("quality_from") or earlier.get("args")
         results["models"] = [m for m in earlier["models"] if m["model"] not in a.models.split(",")]
         results["merged_from"] = earlier.get("args")
     for name in a.models.split(","):

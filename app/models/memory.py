@@ -6,7 +6,7 @@ back to the OS once that passes the trim threshold. Both thresholds adapt (up to
 that) to the largest block freed so far, but the activations of one forward, all freed at its
 end, often still leave a free heap top past the trim threshold (how often depends on where they
 land in the heap), and then the next step faults its whole working set in again as fresh zeroed
-pages (10-11 % of the bundled model's forward rate here: docs/benchmarks.md). Fixing the mmap
+pages (9-16 % of the bundled model's forward rate here: docs/benchmarks.md). Fixing the mmap
 threshold at its cap and the trim threshold at 1 GiB once keeps that memory mapped and reused,
 the way torch's CUDA caching allocator keeps device memory. RSS then stays at the largest
 forward's working set instead of shrinking between steps (tests/models/test_memory.py). With
