@@ -22,13 +22,14 @@ NOTES = """## How to read these numbers
   assembly, the forward, the Eq. 12 update, bookkeeping) ran at 1.007× a bare forward loop on the
   same model, alternating 2.5 s slices: the step itself costs nothing measurable. (2) In one
   server process, HTTP load and the same load submitted inside the process alternated at 1.01×.
-  (3) Fresh processes running the very same forward loop differ: in three of five tests of 6 to 12 fresh
-  processes each, measured in turn, one process in each ran 10–15 % slower than the rest in every
-  slice (all three had timed both layouts at warm-up, as the server does; no process that loaded
-  its layout directly did, out of 18, which is a lead, not yet a finding). The engine and served
-  columns inherit that spread from the server process each round starts, which is why every round
-  starts fresh ones and the table shows medians. In the last run, served / engine (what HTTP itself
-  costs) was 0.98 in each of the bundled model's bfloat16 rounds.
+  (3) Fresh processes running the very same forward loop differ. Measured in turn, 7 of 58
+  processes that had timed both layouts at warm-up, as the server does, ran 10–15 % slower than the
+  rest in every slice, and none of 38 that loaded their layout directly did: a lead, not yet a
+  finding. Timing the layouts on a copy of the UNet, so that the loaded weights are never
+  reallocated, did not help (1 of 8 slow). The engine and served columns inherit that spread from
+  the server process each round starts, which is why every round starts fresh ones and the table
+  shows medians. In the last run, served / engine (what HTTP itself costs) was 0.98 in each of the
+  bundled model's bfloat16 rounds.
 - **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
   of their own, in a thread that is not its main thread, as the server runs each model. Torch work
   from an earlier measurement leaves thread teams and heap state behind that a server process does
