@@ -23,7 +23,7 @@ NOTES = """## How to read these numbers
   same model, alternating 2.5 s slices: the step itself costs nothing measurable. (2) In one
   server process, HTTP load and the same load submitted inside the process alternated at 1.01×.
   (3) Fresh processes running the very same forward loop differ. Measured in turn, 7 of 58
-  processes that had timed both layouts at warm-up, as the server does, ran 10–15 % slower than the
+  processes that had timed both layouts at warm-up, as the server does, ran 10–20 % slower than the
   rest in every slice, and none of 38 that loaded their layout directly did: a lead, not yet a
   finding. Timing the layouts on a copy of the UNet, so that the loaded weights are never
   reallocated, did not help (1 of 8 slow). The engine and served columns inherit that spread from
