@@ -35,14 +35,10 @@ class LoadResult:
         return statistics.median(self.latencies) if self.latencies else float("nan")
 
 
-def steps_in(metrics: str) -> float:
+def steps_at(url: str) -> float:
     """The server's own count of sample-steps computed (ddim_sample_steps_total, all models)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
                if line.startswith("ddim_sample_steps_total{"))
-
-
-async def sample_steps(client: httpx.AsyncClient) -> float:
-    return steps_in((await client.get("/metrics")).text)
 
 
 async def idle(client: httpx.AsyncClient, timeout: float = 120.0) -> None:
@@ -89,11 +85,13 @@ class Connection:
 
 class Background:
     """concurrency closed-loop clients in a thread of their own, each posting body again as soon as its
-    last answer came, until the block ends; they count answered requests and errors."""
+    last answer came, until the block ends; they keep (start, end) of each answered request and count
+    errors."""
 
     def __init__(self, url: str, body: dict[str, Any], concurrency: int) -> None:
         self.url, self.body, self.concurrency = url, body, concurrency
-        self.answered = self.errors = 0
+        self.answered: list[tuple[float, float]] = []
+        self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=asyncio.run, args=(self._clients(),), daemon=True)
 
@@ -102,14 +100,16 @@ class Background:
             conn, k = Connection(self.url), 0
             try:
                 while not self._stop.is_set():
-                    k += 1
+                    k, start = k + 1, time.monotonic()
                     try:
                         status, _ = await conn.post("/generate", {**self.body, "seed": 1000 * i + k})
                     except (OSError, asyncio.IncompleteReadError):  # e.g. an idle keep-alive connection closed
                         conn.close()
                         conn, status = Connection(self.url), 0
-                    self.answered += status == 200
-                    self.errors += status != 200
+                    if status == 200:
+                        self.answered.append((start, time.monotonic()))
+                    else:
+                        self.errors += 1
             finally:
                 conn.close()
 
@@ -130,8 +130,7 @@ class Background:
         asyncio.run(drained(self.url))  # the server cancels the hung-up clients' jobs
 
 
-async def closed_loop(url: str, body: dict[str, Any], concurrency: int, seconds: float,
-                      warmup: float = 0.0) -> LoadResult:
+def closed_loop(url: str, body: dict[str, Any], concurrency: int, seconds: float, warmup: float = 0.0) -> LoadResult:
     """concurrency clients, each posting body again as soon as its last answer came.
 
     Throughput is the server's sample-step counter over the window (after warmup), so requests
@@ -139,37 +138,13 @@ async def closed_loop(url: str, body: dict[str, Any], concurrency: int, seconds:
     are those of requests that started and finished inside the window. At the end the clients
     hang up; the server cancels their jobs, and this waits until it is idle again.
     """
-    res = LoadResult()
-    start = time.monotonic()
-    window_start, window_end = start + warmup, start + warmup + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=60) as monitor:
-
-        async def worker(i: int) -> None:
-            conn, k = Connection(url), 0
-            try:
-                while True:
-                    t0 = time.monotonic()
-                    status, _ = await conn.post("/generate", {**body, "seed": 1000 * i + k})
-                    t1 = time.monotonic()
-                    k += 1
-                    if status != 200:
-                        res.errors += 1
-                    elif t0 >= window_start and t1 <= window_end:
-                        res.latencies.append(t1 - t0)
-            finally:
-                conn.close()
-
-        tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
-        await asyncio.sleep(window_start - time.monotonic())
-        steps0, t0 = await sample_steps(monitor), time.monotonic()
-        await asyncio.sleep(max(0.0, window_end - time.monotonic()))
-        steps1, t1 = await sample_steps(monitor), time.monotonic()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    res.image_steps, res.seconds = int(steps1 - steps0), t1 - t0
-    await drained(url)
-    return res
+    with Background(url, body, concurrency) as load:
+        time.sleep(warmup)
+        steps0, t0 = steps_at(url), time.monotonic()
+        time.sleep(seconds)
+        steps1, t1 = steps_at(url), time.monotonic()
+    return LoadResult(latencies=[end - start for start, end in load.answered if start >= t0 and end <= t1],
+                      image_steps=int(steps1 - steps0), seconds=t1 - t0, errors=load.errors)
 
 
 async def latencies_with_background(url: str, probe: dict[str, Any], probes: int,

@@ -16,43 +16,40 @@ import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from benchmarks.fastpaths import engine_loop
 from benchmarks.isolated import Resident, forward_loop
-from benchmarks.load import Background, steps_in
+from benchmarks.load import Background, steps_at
 
 MIN_FORWARDS = 25  # forwards per served window at the least: the step counter moves a whole batch at a time
 
 
 @contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
+def _signalled(pid: int, first: signal.Signals, last: signal.Signals) -> Iterator[None]:
+    os.kill(pid, first)
     try:
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, last)
 
 
-@contextmanager
-def resumed(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGCONT)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGSTOP)
+def stopped(pid: int) -> AbstractContextManager[None]:
+    return _signalled(pid, signal.SIGSTOP, signal.SIGCONT)
+
+
+def resumed(pid: int) -> AbstractContextManager[None]:
+    return _signalled(pid, signal.SIGCONT, signal.SIGSTOP)
 
 
 def served_window(url: str, seconds: float) -> float:
     """image-steps/s from the server's own step counter, after 0.5 s to settle."""
     time.sleep(0.5)
-    s0, t0 = steps_in(httpx.get(f"{url}/metrics").text), time.monotonic()
+    s0, t0 = steps_at(url), time.monotonic()
     time.sleep(seconds)
-    return (steps_in(httpx.get(f"{url}/metrics").text) - s0) / (time.monotonic() - t0)
+    return (steps_at(url) - s0) / (time.monotonic() - t0)
 
 
 def paired_round(url: str, server: int, store: Path, folder: Path, batch: int, facts: dict[str, Any],
@@ -75,7 +72,7 @@ def paired_round(url: str, server: int, store: Path, folder: Path, batch: int, f
             out["slices"].append({"limit": lim, "engine": eng, "served": served_window(url, window)})
         with stopped(server):
             out["peer"] = peer()
-        out["answered"], out["errors"] = load.answered, load.errors
+        out["answered"], out["errors"] = len(load.answered), load.errors
     for key in ("limit", "engine", "served"):  # equal windows: the mean is the pooled rate
         out[key] = statistics.mean(s[key] for s in out["slices"])
     out["served_over_limit"], out["engine_over_limit"] = out["served"] / out["limit"], out["engine"] / out["limit"]

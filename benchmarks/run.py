@@ -42,7 +42,7 @@ PROBE, BACKGROUND = {"n": 1, "steps": 10}, {"n": 8, "steps": 250}
 
 
 def served(url: str, body: dict[str, Any], concurrency: int, a: argparse.Namespace) -> dict[str, float]:
-    r = asyncio.run(closed_loop(url, body, concurrency, a.seconds, a.warmup))
+    r = closed_loop(url, body, concurrency, a.seconds, a.warmup)
     return {"image_steps_per_s": r.image_steps_per_s, "p50_s": r.p50, "requests": len(r.latencies),
             "errors": r.errors}
 
