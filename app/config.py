@@ -23,7 +23,7 @@ class Settings(BaseSettings):
         "(bfloat16's FID is within noise of float32's: docs/benchmarks.md)")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels_last memory format for the eps-network; auto: time both layouts at "
-        "warm-up and keep the faster")
+        "warm-up (in a throwaway process) and keep the faster")
     compile: bool = Field(False, description="torch.compile one graph per batch bucket at warm-up")
     compile_budget_seconds: float = Field(600.0, ge=0, description="warm-up time allowed for compiling")
     keep_freed_memory: bool = Field(True, description="raise glibc malloc's mmap and trim thresholds at startup, "

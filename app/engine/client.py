@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,7 @@ from app.engine.jobs import JobResult, SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
+from app.models.layout import faster_layouts
 from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
 from app.sampling import draw, lerp, sample_generators, slerp, timestep_sequence
 
@@ -57,10 +59,11 @@ class Engine:
         names = discover(s.model_store)
         if not names:
             raise ModelStoreError(f"{s.model_store}: no model folders found")
-        for name in names:
+        layouts = self._channels_last([s.model_store / name for name in names], device)
+        for name, channels_last in zip(names, layouts):
             loaded: Future[tuple[LoadedModel, BatchWorker]] = Future()
-            threading.Thread(target=self._serve_model, args=(name, device, started, loaded), name=f"worker-{name}",
-                             daemon=True).start()
+            threading.Thread(target=self._serve_model, args=(name, device, channels_last, started, loaded),
+                             name=f"worker-{name}", daemon=True).start()
             model, worker = loaded.result()  # re-raises what loading raised
             self.models[name], self.workers[name] = model, worker
             info = model.info()
@@ -72,13 +75,13 @@ class Engine:
         self.metrics.ready.set(1)
         self.metrics.startup_seconds.set(time.monotonic() - started)
 
-    def _serve_model(self, name: str, device: torch.device, started: float,
+    def _serve_model(self, name: str, device: torch.device, channels_last: bool, started: float,
                      loaded: Future[tuple[LoadedModel, BatchWorker]]) -> None:
-        """The thread of one model: load, choose the layout, compile, warm up, then serve (BatchWorker.run_here)."""
+        """The thread of one model: load (in the chosen layout), compile, warm up, then serve (BatchWorker.run_here)."""
         s = self.settings
         try:
             model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                               channels_last=s.channels_last is True)
+                               channels_last=channels_last)
             self._prepare(model, budget_from=started)
             worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                                  batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
@@ -88,13 +91,19 @@ class Engine:
         loaded.set_result((model, worker))
         worker.run_here()
 
+    def _channels_last(self, folders: list[Path], device: torch.device) -> list[bool]:
+        """The memory layout to load each model in: auto times both, in a process of their own."""
+        s = self.settings
+        if s.channels_last != "auto" or not s.warmup:
+            return [s.channels_last is True] * len(folders)
+        return faster_layouts(folders, device=device, dtype=s.dtype, batch=s.max_batch_size, threads=s.threads,
+                              keep_freed=s.keep_freed_memory, allow_pickle=s.allow_pickle)
+
     def _prepare(self, model: LoadedModel, budget_from: float) -> None:
-        """Layout choice, compiling and warm-up, in the model's own thread."""
+        """Compiling and warm-up, in the model's own thread."""
         s = self.settings
         if s.threads:  # torch's thread settings are per thread under OpenMP: set them where forwards run
             torch.set_num_threads(s.threads)
-        if s.channels_last == "auto" and s.warmup:
-            model.forward.pick_layout(s.max_batch_size, model.sample_shape)
         if s.compile:
             budget = max(0.0, s.compile_budget_seconds - (time.monotonic() - budget_from))
             model.forward.compile(s.max_batch_size, budget, model.sample_shape)

@@ -141,8 +141,9 @@ def test_not_ready_is_503(tmp_path: Path) -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        time.sleep(1)
-        r = httpx.get(f"{url}/readyz")
+        deadline = time.monotonic() + 60  # the layout is timed in a spawned process first: a few seconds
+        while "still loading" in (r := httpx.get(f"{url}/readyz")).json()["detail"] and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert r.status_code == 503 and "broken" in r.json()["detail"]
         r = httpx.post(f"{url}/generate", json={})
         assert r.status_code == 503 and r.headers["retry-after"]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.models import load_model
-from app.models.fast import bf16_supported
+from app.models import ModelStoreError, load_model
+from app.models.fast import Forward, bf16_supported
+from app.models.layout import faster_layouts
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +56,28 @@ def test_compile_budget_zero_stays_eager(tiny_store: Path, inputs: tuple[torch.T
     torch.testing.assert_close(m.eps(*inputs), load_model(tiny_store / "tiny-rgb").eps(*inputs))
 
 
-def test_pick_layout_keeps_one_layout_and_the_results(tiny_store: Path,
-                                                      inputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_time_layouts_times_both_and_keeps_the_results(tiny_store: Path,
+                                                        inputs: tuple[torch.Tensor, torch.Tensor]) -> None:
     plain = load_model(tiny_store / "tiny-rgb")
     m = load_model(tiny_store / "tiny-rgb")
-    chosen = m.forward.pick_layout(4, m.sample_shape, rounds=1)
-    weight = m.unet.conv_in.weight
-    assert weight.is_contiguous(memory_format=torch.channels_last if chosen else torch.contiguous_format)
-    assert m.info()["channels_last"] is chosen
-    torch.testing.assert_close(m.eps(*inputs), plain.eps(*inputs), rtol=0, atol=1e-5)
+    best = m.forward.time_layouts(4, m.sample_shape, rounds=1)
+    assert set(best) == {False, True} and all(0 < s < float("inf") for s in best.values())
+    for on in (False, True):
+        m.forward.use_channels_last(on)
+        assert m.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last if on else torch.contiguous_format)
+        torch.testing.assert_close(m.eps(*inputs), plain.eps(*inputs), rtol=0, atol=1e-5)
+
+
+def test_faster_layout_is_timed_in_another_process(tiny_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice comes back from a spawned process; this process never runs a forward for it."""
+    forwards: list[int] = []
+    monkeypatch.setattr(Forward, "__call__", lambda self, x, t: forwards.append(len(x)))
+    chosen = faster_layouts([tiny_store / "tiny-rgb", tiny_store / "tiny"], device=torch.device("cpu"),
+                            dtype="float32", batch=4, rounds=1)
+    assert len(chosen) == 2 and all(isinstance(c, bool) for c in chosen)
+    assert forwards == []
+
+
+def test_faster_layout_reports_a_broken_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelStoreError, match="missing folder"):
+        faster_layouts([tmp_path / "nope"], device=torch.device("cpu"), dtype="float32", batch=4, rounds=1)
