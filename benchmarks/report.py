@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,17 @@ NOTES = """## How to read these numbers
   seconds apart; the table shows the medians over the rounds of the rates and of each round's own
   ratios. The JSON keeps every slice of every round (`rounds`). Re-run `make bench` for a second
   sample.
-- **Where served loses to the limit.** Three measurements place the bundled model's few percent
-  in bfloat16. (1) In one thread of one process, the server's own `BatchWorker.step` loop (batch
-  assembly, the forward, the Eq. 12 update, bookkeeping) ran at 1.007× a bare forward loop on the
-  same model, alternating 2.5 s slices: the step itself costs nothing measurable. (2) In one
-  server process, HTTP load and the same load submitted inside the process alternated at 1.01×.
-  (3) Fresh processes running the very same forward loop differ. Measured in turn, 7 of 58
-  processes that had timed both layouts at warm-up, as the server does, ran 10–20 % slower than the
-  rest in every slice, and none of 38 that loaded their layout directly did: a lead, not yet a
-  finding. Timing the layouts on a copy of the UNet, so that the loaded weights are never
-  reallocated, did not help (1 of 8 slow). The engine and served columns inherit that spread from
-  the server process each round starts, which is why every round starts fresh ones and the table
-  shows medians. In the last run, served / engine (what HTTP itself costs) was 0.98 in each of the
-  bundled model's bfloat16 rounds.
+- **Where served loses to the limit.** (1) In one thread of one process, the server's own
+  `BatchWorker.step` loop (batch assembly, the forward, the Eq. 12 update, bookkeeping) ran at
+  1.007× a bare forward loop on the same model, alternating 2.5 s slices: the step itself costs
+  nothing measurable. (2) HTTP: served / engine is what it costs. A profile of a bundled-model
+  server at saturation put its event loop at about 2 % of one core (some 1.8 ms of CPU per
+  request) and the load generator at 0.3 %; on two cores each such millisecond stalls a forward
+  whose two threads hold both of them. (3) The process itself: fresh processes that had timed both
+  memory layouts before settling on one ran the kept one slower, some of them for their whole life
+  (the layout-choice table below). Until commit 1b696ce the server did exactly that at warm-up; it
+  now times the layouts in a throwaway process and loads each model directly in the faster one
+  (`app/models/layout.py`). Every round still starts fresh processes, and the tables show medians.
 - **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
   of their own, in a thread that is not its main thread, as the server runs each model. Torch work
   from an earlier measurement leaves thread teams and heap state behind that a server process does
@@ -42,8 +41,8 @@ NOTES = """## How to read these numbers
   with. The peer runs with glibc's defaults, as diffusers users run it, so served / peer includes
   this gain.
 - **Fast paths.** bfloat16 is the big win on this AVX512-BF16 CPU; channels_last helps the CIFAR-size
-  UNet and hurts the small one-channel model, so the server times both layouts at warm-up
-  (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs compile
+  UNet and hurts the small one-channel model, so the server times both layouts at startup, in a
+  throwaway process (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs compile
   time per batch bucket at startup (28 s for the bundled model's batch of 64 with a cold cache; the
   ladder's figure is with inductor's on-disk cache warm from earlier runs), so it stays off by
   default (`DDIM_COMPILE=true` turns it on, within `DDIM_COMPILE_BUDGET_SECONDS`). One torch thread
@@ -69,7 +68,9 @@ state (x, per-sample paths, eta, coefficients) lives on the device, so a step ga
 coefficients there; a step synchronises with the host only to time the forward (for the metrics),
 to test which rows finished and, under short-first, which rows to step; `DDIM_COMPILE=true` compiles one graph per batch
 bucket with `mode="reduce-overhead"`, which records a CUDA graph per bucket (batches are padded up
-to the next bucket). Finished samples are copied back once, when they leave the batch.
+to the next bucket). Finished samples are copied back once, when they leave the batch. With
+`DDIM_CHANNELS_LAST=auto` the layouts are timed in a spawned process, which holds a CUDA context
+of its own (some hundreds of MiB of device memory) until it exits, before the server loads its models.
 """
 
 EXPLAIN = """Throughput is in image-steps/s (one image advanced by one denoising step). Every ratio is of two
@@ -79,10 +80,10 @@ with the server's dtype and memory layout. **served**: HTTP load on a real serve
 `ddim_sample_steps_total` over the measurement window. **peer**: diffusers' `DDIMPipeline`, offline,
 fp32, with the same UNet, S and batch, run once in every round while the server is stopped.
 **fp32** is the server with `DDIM_DTYPE=float32` and its other defaults (the memory layout it
-picks at warm-up);
+picks at startup);
 **default** is what the server runs with no settings: `DDIM_DTYPE=auto` (bfloat16 on CPUs with
 AVX512-BF16 or AMX and on CUDA, else float32) and `DDIM_CHANNELS_LAST=auto` (both layouts timed at
-warm-up, the faster kept)."""
+startup in a throwaway process, the faster kept)."""
 
 
 def _f(x: float, d: int = 1) -> str:
@@ -201,7 +202,32 @@ def _model(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def write_report(results: dict[str, Any], out: Path) -> None:
+def layout_choice_next_to(results_json: Path) -> dict[str, Any] | None:
+    """benchmarks/layout_choice.json (python -m benchmarks.layout_choice), if it was run."""
+    path = results_json.parent / "layout_choice.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _layout_choice(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    a = c["args"]
+    lines = ["## The layout choice: in the server's process, or in a throwaway one", "",
+             f"`python -m benchmarks.layout_choice` (arguments {a}). Fresh processes ran the raw forward loop of "
+             f"{c['model']} at batch {c['batch']} (channels_last: {c['channels_last']}, the server's defaults "
+             "otherwise), in groups of "
+             f"{a['per_group']} measured in turn, {a['slices']} slices of {a['seconds']} s each. **in-process**: the "
+             "process timed both layouts before its loop, as the server's warm-up did until commit 1b696ce. "
+             "**throwaway**: it loaded the layout that a throwaway process chose, as the server does now. Each "
+             "process's median rate is taken relative to the mean of its group's throwaway processes.", "",
+             "| kind | processes | mean | min | max | below 0.9 |", "|---|---|---|---|---|---|"]
+    for kind, x in c["summary"].items():
+        lines.append(f"| {kind} | {x['processes']} | {_f(x['mean'], 3)} | {_f(x['min'], 2)} | {_f(x['max'], 2)} | "
+                     f"{x['below_0.9']} |")
+    return [*lines, ""]
+
+
+def write_report(results: dict[str, Any], out: Path, layout_choice: dict[str, Any] | None = None) -> None:
     m = results["machine"]
     lines = ["# Benchmarks", "",
              f"Machine: {m['cpus']} CPU cores ({m.get('cpu', '?')}, AVX512-BF16/AMX: {m.get('bf16')}), "
@@ -214,13 +240,12 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         lines += _quality(results["quality"], results.get("quality_from"))
     for r in results["models"]:
         lines += _model(r)
-    lines += [NOTES, CUDA_NOTE]
+    lines += [*_layout_choice(layout_choice), NOTES, CUDA_NOTE]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":  # python -m benchmarks.report results.json docs/benchmarks.md: rewrite from the JSON
-    import json
     import sys
 
-    write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))
+    write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), layout_choice_next_to(Path(sys.argv[1])))
