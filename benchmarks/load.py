@@ -8,6 +8,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -35,10 +36,25 @@ class LoadResult:
         return statistics.median(self.latencies) if self.latencies else float("nan")
 
 
-def steps_at(url: str) -> float:
+def steps_at(url: str, client: httpx.Client | None = None) -> float:
     """The server's own count of sample-steps computed (ddim_sample_steps_total, all models)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+    text = (client.get(f"{url}/metrics") if client else httpx.get(f"{url}/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("ddim_sample_steps_total{"))
+
+
+def step_edge(read: Callable[[], float], poll: float, timeout: float = 120.0) -> tuple[float, float]:
+    """Wait for a step counter to move, i.e. for a forward to finish: (its new value, the time then).
+
+    A window that opens and closes on such edges holds whole forwards only. One with arbitrary ends
+    counts a batch of B steps or none at each end, which at 35 forwards a window is up to 3 % either way.
+    """
+    first, deadline = read(), time.monotonic() + timeout
+    while (value := read()) == first:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no step finished in {timeout} s")
+        time.sleep(poll)
+    return value, time.monotonic()
 
 
 async def idle(client: httpx.AsyncClient, timeout: float = 120.0) -> None:

@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=12.0, help="HTTP measurement window per scaling point")
     p.add_argument("--warmup", type=float, default=4.0, help="HTTP load before each window")
     p.add_argument("--limit-seconds", type=float, default=6.0, help="raw forward loop per fast-path and malloc row")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="rounds per config, each with a fresh server, limit and engine process (benchmarks/paired.py)")
     p.add_argument("--slices", type=int, default=3, help="slices of limit, engine and served window per round")
     p.add_argument("--slice-seconds", type=float, default=4.0,
