@@ -9,26 +9,35 @@ from typing import Any
 NOTES = """## How to read these numbers
 
 - **Noise, and pairing.** This 2-core virtual machine's speed drifts by 5–10 % over tens of
-  seconds, and one process can run the same forward loop up to 10 % slower than another for its
+  seconds, and one process can run the same forward loop up to 15 % slower than another for its
   whole life (seen with several fresh limit processes measured in turn). So each config runs
   rounds, each with a fresh server, a fresh limit process and a fresh engine process
   (`benchmarks/paired.py`). In a round the server stays at saturation under its HTTP clients, and
   short slices alternate in which only one of them computes: the limit and the engine run while the
   server is stopped (SIGSTOP), the served window while they idle. Each ratio pairs numbers taken
   seconds apart; the table shows the medians over the rounds of the rates and of each round's own
-  ratios. The JSON keeps every slice of every round (`rounds`). Re-run `make bench` for a second
-  sample.
+  ratios. The JSON keeps every slice of every round (`rounds`). The served and engine windows open
+  and close as a forward finishes (`benchmarks.load.step_edge`): the step counter moves a whole
+  batch at a time, so a window with arbitrary ends would be off by up to one batch at each end,
+  3 % of a 4 s window on the bundled model. Re-run `make bench` for a second sample.
 - **Where served loses to the limit.** (1) In one thread of one process, the server's own
   `BatchWorker.step` loop (batch assembly, the forward, the Eq. 12 update, bookkeeping) ran at
   1.007× a bare forward loop on the same model, alternating 2.5 s slices: the step itself costs
-  nothing measurable. (2) HTTP: served / engine is what it costs. A profile of a bundled-model
-  server at saturation put its event loop at about 2 % of one core (some 1.8 ms of CPU per
-  request) and the load generator at 0.3 %; on two cores each such millisecond stalls a forward
-  whose two threads hold both of them. (3) The process itself: fresh processes that had timed both
+  nothing measurable. (2) HTTP costs about 2 %: in one bundled-model server process, HTTP load
+  and the same closed loop submitted inside the process alternated at 0.98 (median of 6 cycles).
+  At saturation its event loop used about 2 % of one core (some 1.8 ms of CPU per request, from
+  /proc) and the load generator 0.3 %; on two cores each such millisecond stalls a forward whose
+  two threads hold both of them. (3) The process itself: fresh processes that had timed both
   memory layouts before settling on one ran the kept one slower, some of them for their whole life
   (the layout-choice table below). Until commit 1b696ce the server did exactly that at warm-up; it
   now times the layouts in a throwaway process and loads each model directly in the faster one
-  (`app/models/layout.py`). Every round still starts fresh processes, and the tables show medians.
+  (`app/models/layout.py`). Directly loaded processes still differ: in float32 with channels_last
+  on the bundled model, some servers and some engine processes (no HTTP, no layout timing) ran
+  8-15 % slower than others in every slice of their life, while bfloat16 contiguous ones stayed
+  within a few percent. In one side-by-side test of 8 such float32 servers, the 4 started with
+  `THP_MEM_ALLOC_ENABLE=1` (torch's transparent huge pages for large allocations) averaged 5 %
+  more than the 4 without: a lead, not a default yet. Every round starts fresh processes, and the
+  tables show medians.
 - **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
   of their own, in a thread that is not its main thread, as the server runs each model. Torch work
   from an earlier measurement leaves thread teams and heap state behind that a server process does
@@ -233,7 +242,7 @@ def write_report(results: dict[str, Any], out: Path, layout_choice: dict[str, An
              f"Machine: {m['cpus']} CPU cores ({m.get('cpu', '?')}, AVX512-BF16/AMX: {m.get('bf16')}), "
              f"{m['platform']}, torch {m['torch']}, CUDA: {m['cuda']}.",
              f"Reproduce: `make bench` (`python -m benchmarks.run`, arguments {results['args']}).",
-             *([f"The other models' rows (`--merge`) come from an earlier run of the same code with arguments "
+             *([f"The other models' rows (`--merge`) come from an earlier run with arguments "
                 f"{results['merged_from']}."] if results.get("merged_from") else []), "",
              EXPLAIN, "", *_summary(results)]
     if results.get("quality"):

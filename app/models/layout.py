@@ -1,10 +1,10 @@
 """DDIM_CHANNELS_LAST=auto: both memory layouts timed in a throwaway process, the faster one kept.
 
-Why not in the server's own process: on this machine, 20 fresh processes that timed both layouts
-and then ran a forward loop in one ran it 8 % slower on average than 20 that loaded that layout
-directly (measured in turn, relative to the direct ones' mean), five of them by 13-31 % for their
-whole life, where no direct one fell below 0.96 (docs/benchmarks.md). So the server's process
-only ever runs the layout it keeps.
+Why not in the server's own process: in two runs of the comparison in benchmarks/layout_choice.py
+on this machine (20 fresh processes of each kind per run, measured in turn), 8 of the 40 processes
+that timed both layouts before their forward loop ran it 11-31 % slower than the mean of those that
+loaded the layout directly, for their whole life; none of the 40 direct ones fell below 0.92 of it
+(docs/benchmarks.md). So the server's process only ever runs the layout it keeps.
 """
 
 from __future__ import annotations
