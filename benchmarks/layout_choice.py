@@ -89,7 +89,9 @@ def main() -> None:
     for k in range(a.groups):
         groups.append(group(folder, a.batch, dtype, chosen, a.per_group, a.slices, a.seconds))
         print(f"group {k + 1}: " + ", ".join(f"{p['kind']} {p['median']:.0f}" for p in groups[-1]), flush=True)
-    out = {"args": vars(a), "model": folder.name, "batch": a.batch, "channels_last": chosen,
+    args = {k: (str(Path(v).resolve().relative_to(ROOT)) if k in ("model", "json") and Path(v).resolve()
+                .is_relative_to(ROOT) else v) for k, v in vars(a).items()}
+    out = {"args": args, "model": folder.name, "batch": a.batch, "channels_last": chosen,
            "groups": groups, "summary": summary(groups)}
     Path(a.json).write_text(json.dumps(out, indent=2))
     for kind, s in out["summary"].items():

@@ -51,14 +51,15 @@ class Forward:
 
     def time_layouts(self, batch: int, sample_shape: tuple[int, int, int], rounds: int = 3) -> dict[bool, float]:
         """The best seconds per forward at this batch size in each layout (channels_last: False, True), timed
-        alternating. Run it in a process of its own (app.models.layout): a process that has run forwards in
-        both layouts can run the one it keeps 10-20 % slower for the rest of its life."""
+        alternating. Run it in a process of its own (app.models.layout, which says why)."""
         x, t = torch.randn(batch, *sample_shape), torch.full((batch,), 500)
         best = {False: float("inf"), True: float("inf")}
         for _ in range(rounds):
             for on in (False, True):
                 self.use_channels_last(on)
                 self(x, t)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the untimed call is done before the clock starts
                 started = time.perf_counter()
                 self(x, t)
                 if self.device.type == "cuda":

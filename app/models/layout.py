@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
 
 from app.models.memory import keep_freed_memory
-from app.models.store import load_model
+from app.models.store import ModelStoreError, load_model
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,12 @@ def faster_layouts(folders: list[Path], *, device: torch.device, dtype: str, bat
     """For each model folder, True if channels_last runs its forward faster at this batch size: timed one
     model after another in one spawned process, set up as the server is (device, dtype, threads, malloc)."""
     try:
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint) as pool:
             timings = pool.submit(_time_layouts, folders, str(device), dtype, batch, threads, keep_freed,
                                   allow_pickle, rounds).result()
-    except (OSError, BrokenProcessPool) as e:  # no process could start, or it died (say, out of memory)
+    except ModelStoreError:  # a broken model folder: the user's error, reported as loading it would
+        raise
+    except Exception as e:  # no process could start (a daemonic parent, say), or it died or ran out of memory
         log.warning("timing the memory layouts failed (%r); every model keeps the contiguous layout", e)
         return [False] * len(folders)
     for folder, best in zip(folders, timings):
@@ -39,6 +41,11 @@ def faster_layouts(folders: list[Path], *, device: torch.device, dtype: str, bat
                  "process of its own", folder.name, best[True] < best[False], 1000 * min(best.values()), batch,
                  1000 * max(best.values()))
     return [best[True] < best[False] for best in timings]
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C during startup is the server's to handle (uvicorn shuts down cleanly), not this process's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _time_layouts(folders: list[Path], device: str, dtype: str, batch: int, threads: int, keep_freed: bool,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,6 +79,30 @@ def test_faster_layout_is_timed_in_another_process(tiny_store: Path, monkeypatch
                             dtype="float32", batch=4, rounds=1)
     assert len(chosen) == 2 and all(isinstance(c, bool) for c in chosen)
     assert forwards == []
+
+
+def _layouts_in_a_daemon(folder: Path, answers: Any) -> None:
+    """In a daemonic process, which may not start children: faster_layouts must fall back, not fail."""
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("app.models.layout").addHandler(handler)
+    try:
+        answers.put((faster_layouts([folder], device=torch.device("cpu"), dtype="float32", batch=2, rounds=1),
+                     warnings))
+    except BaseException as e:
+        answers.put((f"raised {e!r}", warnings))
+
+
+def test_faster_layout_falls_back_where_no_process_can_start(tiny_store: Path) -> None:
+    spawn = mp.get_context("spawn")
+    answers = spawn.Queue()
+    proc = spawn.Process(target=_layouts_in_a_daemon, args=(tiny_store / "tiny", answers), daemon=True)
+    proc.start()
+    chosen, warnings = answers.get(timeout=300)
+    proc.join(30)
+    assert chosen == [False]
+    assert any("timing the memory layouts failed" in w for w in warnings), warnings
 
 
 def test_faster_layout_reports_a_broken_model(tmp_path: Path) -> None:
