@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from app.models import load_model
-from benchmarks.load import step_edge
+from benchmarks.load import edge_window
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,7 +66,7 @@ def engine_loop(store: Path, batch: int, dtype: str, channels_last: bool, keep_f
     thread loads, warms up and serves each model) on a store of one model, kept at 2×B waiting plus
     active samples of n = 1 jobs from now on (stop the process, SIGSTOP, while others are measured).
     The measure is image-steps/s over `seconds` from the engine's step counter, after 0.5 s to settle, over
-    whole forwards (benchmarks.load.step_edge)."""
+    whole forwards (benchmarks.load.edge_window)."""
     from app.config import Settings
     from app.engine.client import Engine
     from app.engine.jobs import SampleJob
@@ -90,11 +90,7 @@ def engine_loop(store: Path, batch: int, dtype: str, channels_last: bool, keep_f
         submit()
 
     def measure(seconds: float) -> float:
-        time.sleep(0.5)
-        n0, t0 = step_edge(counter._value.get, 0.005)
-        time.sleep(seconds)
-        n1, t1 = step_edge(counter._value.get, 0.005)
-        return float((n1 - n0) / (t1 - t0))
+        return float(edge_window(counter._value.get, seconds, 0.005))
 
     measure.stop = engine.stop  # type: ignore[attr-defined]
     return measure

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.models import load_model
+from app.models import LoadedModel, load_model
 from app.models.memory import keep_freed_memory
 from benchmarks.fastpaths import rate
 
@@ -55,7 +55,11 @@ def forward_loop(folder: Path, batch: int, dtype: str, channels_last: bool,
     """Setup for Resident: the model loaded and warmed; the measure is rate(seconds) of a bare forward loop."""
     if keep_freed:
         keep_freed_memory()
-    m = load_model(folder, dtype=dtype, channels_last=channels_last)
+    return warmed_loop(load_model(folder, dtype=dtype, channels_last=channels_last), batch)
+
+
+def warmed_loop(m: LoadedModel, batch: int) -> Callable[[float], float]:
+    """rate(seconds) of m's forward at this batch size, after one forward."""
     x, t = torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,))
     m.eps(x, t)
     return lambda seconds: rate(m.eps, x, t, seconds)

@@ -27,8 +27,7 @@ import torch
 from app.models import load_model
 from app.models.layout import faster_layouts
 from app.models.memory import keep_freed_memory
-from benchmarks.fastpaths import rate
-from benchmarks.isolated import Resident, forward_loop
+from benchmarks.isolated import Resident, forward_loop, warmed_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,9 +39,7 @@ def in_process(folder: Path, batch: int, dtype: str, channels_last: bool) -> Cal
     m = load_model(folder, dtype=dtype)
     m.forward.time_layouts(batch, m.sample_shape)
     m.forward.use_channels_last(channels_last)
-    x, t = torch.randn(batch, *m.sample_shape), torch.randint(0, 1000, (batch,))
-    m.eps(x, t)
-    return lambda seconds: rate(m.eps, x, t, seconds)
+    return warmed_loop(m, batch)
 
 
 def group(folder: Path, batch: int, dtype: str, chosen: bool, size: int, slices: int,

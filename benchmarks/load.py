@@ -57,6 +57,15 @@ def step_edge(read: Callable[[], float], poll: float, timeout: float = 120.0) ->
     return value, time.monotonic()
 
 
+def edge_window(read: Callable[[], float], seconds: float, poll: float) -> float:
+    """Steps per second of a step counter over about `seconds` of whole forwards, after 0.5 s to settle."""
+    time.sleep(0.5)
+    n0, t0 = step_edge(read, poll)
+    time.sleep(seconds)
+    n1, t1 = step_edge(read, poll)
+    return (n1 - n0) / (t1 - t0)
+
+
 async def idle(client: httpx.AsyncClient, timeout: float = 120.0) -> None:
     """Wait until no model has active or waiting samples (e.g. after cancelled clients)."""
     deadline = time.monotonic() + timeout

@@ -24,7 +24,7 @@ import httpx
 
 from benchmarks.fastpaths import engine_loop
 from benchmarks.isolated import Resident, forward_loop
-from benchmarks.load import Background, step_edge, steps_at
+from benchmarks.load import Background, edge_window, steps_at
 
 MIN_FORWARDS = 25  # forwards per served window at the least: the step counter moves a whole batch at a time
 
@@ -49,12 +49,8 @@ def resumed(pid: int) -> AbstractContextManager[None]:
 def served_window(url: str, seconds: float) -> float:
     """image-steps/s from the server's own step counter, after 0.5 s to settle, over whole forwards (the
     window opens and closes as a forward finishes; the counter is polled every 10 ms at the edges)."""
-    time.sleep(0.5)
     with httpx.Client() as client:
-        s0, t0 = step_edge(lambda: steps_at(url, client), 0.01)
-        time.sleep(seconds)
-        s1, t1 = step_edge(lambda: steps_at(url, client), 0.01)
-    return (s1 - s0) / (t1 - t0)
+        return edge_window(lambda: steps_at(url, client), seconds, 0.01)
 
 
 def paired_round(url: str, server: int, store: Path, folder: Path, batch: int, facts: dict[str, Any],
