@@ -26,8 +26,9 @@ class Settings(BaseSettings):
         "warm-up (in a throwaway process) and keep the faster")
     compile: bool = Field(False, description="torch.compile one graph per batch bucket at warm-up")
     compile_budget_seconds: float = Field(600.0, ge=0, description="warm-up time allowed for compiling")
-    keep_freed_memory: bool = Field(True, description="raise glibc malloc's mmap and trim thresholds at startup, "
-                                    "so each forward reuses the last one's memory instead of faulting it in again")
+    keep_freed_memory: bool = Field(True, description="raise glibc malloc's mmap and trim thresholds and its top "
+                                    "pad at startup, so each forward reuses the last one's memory instead of "
+                                    "faulting it in again")
     allow_pickle: bool = Field(False, description="load pickled .bin weights (runs code from the file)")
 
     host: str = "127.0.0.1"

@@ -11,6 +11,14 @@ threshold at its cap and the trim threshold at 1 GiB once keeps that memory mapp
 the way torch's CUDA caching allocator keeps device memory. RSS then stays at the largest
 forward's working set instead of shrinking between steps (tests/models/test_memory.py). With
 another malloc preloaded (jemalloc, tcmalloc) glibc's settings would change nothing, and this says so.
+
+The trim threshold covers the main thread's heap only. Forwards run in a model's worker thread,
+whose memory comes from a thread arena: a chain of 64 MiB heaps, and glibc unmaps a heap of the
+chain as soon as a free leaves it empty, unless the top pad is at least that size (heap_trim in
+glibc's arena.c). A forward's activations span several heaps, so without the pad a process can fall
+into unmapping and faulting in one heap every step: 4,000-24,000 page faults per forward, 5-25 %
+of the bundled model's rate, in some processes for minutes and in others never (docs/benchmarks.md).
+The top pad is also added to each growth of the main heap, as address space not yet touched.
 """
 
 from __future__ import annotations
@@ -19,14 +27,16 @@ import ctypes
 import logging
 
 log = logging.getLogger(__name__)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, from glibc's malloc.h
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses more on 64-bit (half of its heap size)
+HEAP_MAX = 2 * MMAP_THRESHOLD_MAX  # the size of one heap of a thread arena (HEAP_MAX_SIZE)
 TRIM_THRESHOLD = 1 << 30
 GLIBC = "libc.so.6"  # glibc's soname on every Linux it runs on
 
 
 def keep_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process; False where that would change nothing."""
+    """Fix glibc's mmap and trim thresholds and its top pad for this process; False where that would change
+    nothing."""
     try:
         glibc = ctypes.CDLL(GLIBC)
         process = ctypes.CDLL(None)  # the symbols this process resolves, an LD_PRELOADed malloc first
@@ -38,7 +48,8 @@ def keep_freed_memory() -> bool:
     mallopt = glibc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     refused = [name for name, param, value in (("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                                               ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
+                                               ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
+                                               ("M_TOP_PAD", M_TOP_PAD, HEAP_MAX))
                if mallopt(param, value) != 1]
     if refused:
         log.warning("mallopt refused %s; freed memory may still go back to the OS", ", ".join(refused))
