@@ -11,7 +11,9 @@ give memory back to the OS differently; `allocator_effect` measures it). So each
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
+import resource
 import statistics
 import threading
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.models import LoadedModel, load_model
-from app.models.memory import keep_freed_memory
+from app.models.memory import GLIBC, M_TOP_PAD, keep_freed_memory
 from benchmarks.fastpaths import rate
 
 T = TypeVar("T")
@@ -94,9 +96,10 @@ class Resident:
             self.close()
             raise RuntimeError(f"the measuring process did not start: {answer}")
 
-    def __call__(self, arg: Any = None) -> float:
+    def __call__(self, arg: Any = None) -> Any:
+        """What measure(arg) returned there (a rate, as a rule)."""
         self.conn.send((arg,))
-        return float(self.conn.recv())
+        return self.conn.recv()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -113,20 +116,47 @@ class Resident:
         self.close()
 
 
-def allocator_effect(folder: Path, batch: int, dtype: str, seconds: float, rounds: int) -> dict[str, Any]:
-    """The raw forward (contiguous layout) with glibc's default malloc settings and with freed memory kept
-    (DDIM_KEEP_FREED_MEMORY), each in a process's main thread and in another thread: four processes,
-    measured in turn, rounds times; medians."""
-    variants = {f"{'kept' if keep else 'default'}, {'thread' if thread else 'main thread'}": (keep, thread)
-                for keep in (False, True) for thread in (True, False)}
-    loops = {name: Resident(forward_loop, folder, batch, dtype, False, keep, thread=thread)
-             for name, (keep, thread) in variants.items()}
+def in_turn(measures: list[Resident], slices: int, arg: Any) -> list[list[Any]]:
+    """Each measure taken slices times, one process computing at a time, the order reversed every slice;
+    closes them all. What each returned, per measure."""
+    taken: list[list[Any]] = [[] for _ in measures]
     try:
-        rates: dict[str, list[float]] = {name: [] for name in loops}
-        for r in range(rounds):
-            for name in (list(loops) if r % 2 == 0 else list(reversed(loops))):
-                rates[name].append(loops[name](seconds))
+        for s in range(slices):
+            for i in range(len(measures)) if s % 2 == 0 else reversed(range(len(measures))):
+                taken[i].append(measures[i](arg))
     finally:
-        for loop in loops.values():
-            loop.close()
-    return {name: {"rates": rs, "image_steps_per_s": statistics.median(rs)} for name, rs in rates.items()}
+        for m in measures:
+            m.close()
+    return taken
+
+
+def malloc_loop(folder: Path, batch: int, dtype: str, malloc: str,
+                channels_last: bool = False) -> Callable[[float], tuple[float, float]]:
+    """Setup for Resident: forward_loop under glibc's default settings ("default"), DDIM_KEEP_FREED_MEMORY
+    ("kept"), or that without its top pad ("kept, no top pad", as before it had one); the measure is
+    (image-steps/s, minor page faults per forward)."""
+    if malloc == "kept, no top pad":  # before anything is allocated, as the server sets it
+        keep_freed_memory()
+        ctypes.CDLL(GLIBC).mallopt(M_TOP_PAD, 0)
+    loop = forward_loop(folder, batch, dtype, channels_last, malloc == "kept")
+
+    def measure(seconds: float) -> tuple[float, float]:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        rate = loop(seconds)
+        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (rate * seconds / batch)
+
+    return measure
+
+
+def allocator_effect(folder: Path, batch: int, dtype: str, seconds: float, rounds: int) -> dict[str, Any]:
+    """The raw forward (contiguous layout) with glibc's default malloc settings, with freed memory kept
+    (DDIM_KEEP_FREED_MEMORY), and kept without the top pad, each in a thread other than the process's main
+    thread (as the server's forwards run); the first two also in a main thread. Five processes, measured in
+    turn, rounds times: the median rate and page faults per forward of each."""
+    variants = {"default, thread": ("default", True), "default, main thread": ("default", False),
+                "kept, thread": ("kept", True), "kept, main thread": ("kept", False),
+                "kept, no top pad, thread": ("kept, no top pad", True)}
+    loops = [Resident(malloc_loop, folder, batch, dtype, malloc, thread=thread) for malloc, thread in variants.values()]
+    taken = dict(zip(variants, in_turn(loops, rounds, seconds)))
+    return {name: {"rates": [x[0] for x in xs], "image_steps_per_s": statistics.median(x[0] for x in xs),
+                   "faults_per_forward": statistics.median(x[1] for x in xs)} for name, xs in taken.items()}

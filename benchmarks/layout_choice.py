@@ -27,7 +27,8 @@ import torch
 from app.models import load_model
 from app.models.layout import faster_layouts
 from app.models.memory import keep_freed_memory
-from benchmarks.isolated import Resident, forward_loop, warmed_loop
+from benchmarks.isolated import Resident, forward_loop, in_turn, warmed_loop
+from benchmarks.studies import repo_relative
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,17 +46,11 @@ def in_process(folder: Path, batch: int, dtype: str, channels_last: bool) -> Cal
 def group(folder: Path, batch: int, dtype: str, chosen: bool, size: int, slices: int,
           seconds: float) -> list[dict[str, Any]]:
     """size fresh processes, alternating kinds, each measured slices times in turn; their rates."""
-    procs = [("in-process", Resident(in_process, folder, batch, dtype, chosen)) if i % 2 == 0
-             else ("throwaway", Resident(forward_loop, folder, batch, dtype, chosen, True)) for i in range(size)]
-    rates: list[list[float]] = [[] for _ in procs]
-    try:
-        for s in range(slices):
-            for i in range(size) if s % 2 == 0 else reversed(range(size)):
-                rates[i].append(procs[i][1](seconds))
-    finally:
-        for _, p in procs:
-            p.close()
-    return [{"kind": kind, "rates": rs, "median": statistics.median(rs)} for (kind, _), rs in zip(procs, rates)]
+    kinds = ["in-process" if i % 2 == 0 else "throwaway" for i in range(size)]
+    procs = [Resident(in_process, folder, batch, dtype, chosen) if kind == "in-process"
+             else Resident(forward_loop, folder, batch, dtype, chosen, True) for kind in kinds]
+    return [{"kind": kind, "rates": rs, "median": statistics.median(rs)}
+            for kind, rs in zip(kinds, in_turn(procs, slices, seconds))]
 
 
 def summary(groups: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -86,8 +81,7 @@ def main() -> None:
     for k in range(a.groups):
         groups.append(group(folder, a.batch, dtype, chosen, a.per_group, a.slices, a.seconds))
         print(f"group {k + 1}: " + ", ".join(f"{p['kind']} {p['median']:.0f}" for p in groups[-1]), flush=True)
-    args = {k: (str(Path(v).resolve().relative_to(ROOT)) if k in ("model", "json") and Path(v).resolve()
-                .is_relative_to(ROOT) else v) for k, v in vars(a).items()}
+    args = repo_relative(vars(a), ROOT)
     out = {"args": args, "model": folder.name, "batch": a.batch, "channels_last": chosen,
            "groups": groups, "summary": summary(groups)}
     Path(a.json).write_text(json.dumps(out, indent=2))

@@ -45,10 +45,14 @@ NOTES = """## How to read these numbers
   speeds in a process's main thread and in its other threads (the malloc table of each model).
 - **Keep freed memory.** Under glibc's defaults every forward faulted its activations in again as
   fresh zeroed pages. `DDIM_KEEP_FREED_MEMORY=true` (the server's default) fixes malloc's mmap and
-  trim thresholds once at startup (`app/models/memory.py`); the malloc table measures it against
-  the defaults, side by side. The limit runs with the same setting as the server it is compared
-  with. The peer runs with glibc's defaults, as diffusers users run it, so served / peer includes
-  this gain.
+  trim thresholds and its top pad once at startup (`app/models/memory.py`); the malloc table measures
+  it against the defaults, side by side. The top pad is new in this run: without it, a worker
+  thread's arena unmapped one of its 64 MiB heaps and faulted it in again every step, in some
+  processes and slices and not in others (the top-pad study above: 20,000-30,000 page faults per
+  forward at 0.88 of the speed), the likeliest cause of the servers that ran slow for their whole
+  life in earlier runs. The limit runs with the same setting as the server it is compared with.
+  The peer runs with glibc's defaults, as diffusers users run it, so served / peer includes this
+  gain.
 - **Fast paths.** bfloat16 is the big win on this AVX512-BF16 CPU; channels_last helps the CIFAR-size
   UNet and hurts the small one-channel model, so the server times both layouts at startup, in a
   throwaway process (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs compile
@@ -95,8 +99,8 @@ AVX512-BF16 or AMX and on CUDA, else float32) and `DDIM_CHANNELS_LAST=auto` (bot
 startup in a throwaway process, the faster kept)."""
 
 
-def _f(x: float, d: int = 1) -> str:
-    return f"{x:.{d}f}"
+def fmt(x: float | None, d: int = 1) -> str:
+    return "–" if x is None else f"{x:.{d}f}"
 
 
 def _ok(good: bool) -> str:
@@ -115,11 +119,11 @@ def _summary(results: dict[str, Any]) -> list[str]:
     for r in results["models"]:
         d, f = r["default"], r["fp32"]
         mixed = r["mixed"].get("step, short-first", {}).get("p95_over_alone", float("nan"))
-        lines.append(f"| {r['model']} | {_f(d['served_over_limit'], 3)} ({_ok(d['served_over_limit'] >= 0.95)}) | "
-                     f"{_f(f['served_over_limit'], 3)} ({_ok(f['served_over_limit'] >= 0.95)}) | "
-                     f"{_f(f['served_over_peer'], 2)}{_target(r, f['served_over_peer'] >= 1.0)} | "
-                     f"{_f(d['served_over_peer'], 2)}{_target(r, d['served_over_peer'] >= 1.5)} | "
-                     f"{_f(mixed, 2)} ({_ok(mixed <= 2.0)}) |")
+        lines.append(f"| {r['model']} | {fmt(d['served_over_limit'], 3)} ({_ok(d['served_over_limit'] >= 0.95)}) | "
+                     f"{fmt(f['served_over_limit'], 3)} ({_ok(f['served_over_limit'] >= 0.95)}) | "
+                     f"{fmt(f['served_over_peer'], 2)}{_target(r, f['served_over_peer'] >= 1.0)} | "
+                     f"{fmt(d['served_over_peer'], 2)}{_target(r, d['served_over_peer'] >= 1.5)} | "
+                     f"{fmt(mixed, 2)} ({_ok(mixed <= 2.0)}) |")
     lines += ["", "Targets: served ≥ 0.95× limit; for the CIFAR-size model served ≥ 1.0× the peer at fp32 and",
               "≥ 1.5× with the default fast path; mixed-workload p95 ≤ 2× alone.", ""]
     return lines
@@ -134,8 +138,8 @@ def _quality(rows: list[dict[str, Any]], source: dict[str, Any] | None = None) -
              "| S | samples | FID fp32 | FID bf16 | difference | noise (sd) | same class | mean abs diff |",
              "|---|---|---|---|---|---|---|---|"]
     for q in rows:
-        lines.append(f"| {q['steps']} | {q['n']} | {_f(q['fid_fp32'], 2)} | {_f(q['fid_fast'], 2)} | "
-                     f"{q['fid_fast'] - q['fid_fp32']:+.2f} | {_f(q['noise_sd'], 2)} | {q['same_class']:.1%} | "
+        lines.append(f"| {q['steps']} | {q['n']} | {fmt(q['fid_fp32'], 2)} | {fmt(q['fid_fast'], 2)} | "
+                     f"{q['fid_fast'] - q['fid_fp32']:+.2f} | {fmt(q['noise_sd'], 2)} | {q['same_class']:.1%} | "
                      f"{q['mean_abs_diff']:.4f} |")
     lines += ["", "Pixel differences are in the model's [-1, 1] range.", ""]
     return lines
@@ -145,14 +149,23 @@ def _allocator(r: dict[str, Any]) -> list[str]:
     """The raw forward under glibc's default malloc settings and with freed memory kept, by thread."""
     if "allocator" not in r:
         return []
-    cols = ["default, thread", "default, main thread", "kept, thread", "kept, main thread"]
+    cols = ["default, thread", "default, main thread", "kept, thread", "kept, main thread", "kept, no top pad, thread"]
+    cols = [c for c in cols if c in next(iter(r["allocator"].values()))]  # results from before the top pad: 4
+    faults = "faults_per_forward" in next(iter(r["allocator"].values()))["kept, thread"]
+
+    def cell(v: dict[str, Any]) -> str:
+        return fmt(v["image_steps_per_s"]) + (f" ({fmt(v['faults_per_forward'])})" if faults else "")
+
     lines = ["### Malloc settings, side by side (raw forward, contiguous layout)", "",
-             f"| dtype | {' | '.join(cols)} | kept / default (thread) |", "|---|---|---|---|---|---|"]
+             f"| dtype | {' | '.join(cols)} | kept / default (thread) |", "|---" * (len(cols) + 2) + "|"]
     for dtype, v in r["allocator"].items():
-        rates = [v[c]["image_steps_per_s"] for c in cols]
-        lines.append(f"| {dtype} | {' | '.join(_f(x) for x in rates)} | {_f(rates[2] / rates[0], 2)} |")
-    return [*lines, "", "Four processes measured in turn, the median of each; \"thread\": the loop runs in a "
-            "thread other than", "the process's main thread, as the server's forwards do.", ""]
+        rate = {c: v[c]["image_steps_per_s"] for c in cols}
+        lines.append(f"| {dtype} | {' | '.join(cell(v[c]) for c in cols)} | "
+                     f"{fmt(rate['kept, thread'] / rate['default, thread'], 2)} |")
+    return [*lines, "", f"{len(cols)} processes measured in turn, the median of each"
+            + (" (in brackets: minor page faults per forward)" if faults else "") + "; \"thread\": the loop runs",
+            "in a thread other than the process's main thread, as the server's forwards do. \"kept, no top pad\":",
+            "DDIM_KEEP_FREED_MEMORY as it was before it set glibc's top pad (app/models/memory.py says why).", ""]
 
 
 def _rounds(r: dict[str, Any]) -> list[str]:
@@ -163,9 +176,9 @@ def _rounds(r: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for cfg in ("fp32", "default"):
         for i, x in enumerate(r[cfg]["rounds"], 1):
-            lines.append(f"| {cfg} | {i} | {x['channels_last']} | {_f(x['limit'])} | {_f(x['engine'])} | "
-                         f"{_f(x['served'])} | {_f(x['peer'])} | {_f(x['served_over_limit'], 3)} | "
-                         f"{_f(x['engine_over_limit'], 3)} |")
+            lines.append(f"| {cfg} | {i} | {x['channels_last']} | {fmt(x['limit'])} | {fmt(x['engine'])} | "
+                         f"{fmt(x['served'])} | {fmt(x['peer'])} | {fmt(x['served_over_limit'], 3)} | "
+                         f"{fmt(x['engine_over_limit'], 3)} |")
     return [*lines, ""]
 
 
@@ -174,9 +187,9 @@ def _model(r: dict[str, Any]) -> list[str]:
              f"### Fast paths, one at a time (raw forward at batch {r['batch']})", "",
              "| path | image-steps/s | × plain | compile s |", "|---|---|---|---|"]
     for p in r["fast_paths"]:
-        lines.append(f"| {p['path']} | {_f(p['image_steps_per_s'])} | {_f(p['over_plain'], 2)} | "
-                     f"{_f(p['compile_seconds']) if 'compile_seconds' in p else ''} |")
-    lines += ["", f"Peer (DDIMPipeline, fp32): {_f(r['peer'])} image-steps/s, the median of "
+        lines.append(f"| {p['path']} | {fmt(p['image_steps_per_s'])} | {fmt(p['over_plain'], 2)} | "
+                     f"{fmt(p['compile_seconds']) if 'compile_seconds' in p else ''} |")
+    lines += ["", f"Peer (DDIMPipeline, fp32): {fmt(r['peer'])} image-steps/s, the median of "
               f"{len(r.get('peers', [])) or 'its'} runs; each config's rows use the runs of its own rounds.", "",
               *_allocator(r), "### Served against the limit and the peer", "",
               "| config | dtype | channels_last | DDIM_KEEP_FREED_MEMORY | limit | engine | engine / limit | served "
@@ -185,10 +198,10 @@ def _model(r: dict[str, Any]) -> list[str]:
     for cfg in ("fp32", "default"):
         c = r[cfg]
         lines.append(f"| {cfg} | {c['dtype']} | {c['channels_last']} | {c.get('keep_freed_memory', False)} | "
-                     f"{_f(c['limit'])} | {_f(c['engine'])} | "
-                     f"{_f(c['engine_over_limit'], 3)} | {_f(c['served']['image_steps_per_s'])} | "
-                     f"{_f(c['served_over_limit'], 3)} | {_f(c.get('peer', r['peer']))} | "
-                     f"{_f(c['served_over_peer'], 2)} | {_f(c['startup_s'])} | {_f(c['rss_mib'], 0)} |")
+                     f"{fmt(c['limit'])} | {fmt(c['engine'])} | "
+                     f"{fmt(c['engine_over_limit'], 3)} | {fmt(c['served']['image_steps_per_s'])} | "
+                     f"{fmt(c['served_over_limit'], 3)} | {fmt(c.get('peer', r['peer']))} | "
+                     f"{fmt(c['served_over_peer'], 2)} | {fmt(c['startup_s'])} | {fmt(c['rss_mib'], 0)} |")
     lines += ["", "Rates and ratios: medians over the rounds (fresh processes each, paired slices: see the notes).",
               "engine: the same batching loop as the server (a BatchWorker serving from the thread that loaded it,",
               "2×B samples of n = 1 jobs) with no HTTP. Startup is the server's `ddim_startup_seconds`: loading,",
@@ -199,44 +212,20 @@ def _model(r: dict[str, Any]) -> list[str]:
               "| mode | probes | alone p50 | alone p95 | busy p50 | busy p95 | busy p95 / alone p95 |",
               "|---|---|---|---|---|---|---|"]
     for mode, x in r["mixed"].items():
-        lines.append(f"| {mode} | {x['probes']} | {_f(x['alone_p50'], 3)} | {_f(x['alone_p95'], 3)} | "
-                     f"{_f(x['busy_p50'], 3)} | {_f(x['busy_p95'], 3)} | {_f(x['p95_over_alone'], 2)} |")
+        lines.append(f"| {mode} | {x['probes']} | {fmt(x['alone_p50'], 3)} | {fmt(x['alone_p95'], 3)} | "
+                     f"{fmt(x['busy_p50'], 3)} | {fmt(x['busy_p95'], 3)} | {fmt(x['p95_over_alone'], 2)} |")
     lines += ["", "### Scaling (default dtype, S = {}, n = 1 requests)".format(r["steps"]), "",
               "| max_batch_size (2× as many clients) | image-steps/s | p50 s |", "|---|---|---|"]
     for k, v in r["scaling"]["max_batch_size"].items():
-        lines.append(f"| {k} | {_f(v['image_steps_per_s'])} | {_f(v['p50_s'], 2)} |")
+        lines.append(f"| {k} | {fmt(v['image_steps_per_s'])} | {fmt(v['p50_s'], 2)} |")
     lines += ["", f"| concurrency (max_batch_size {r['batch']}) | image-steps/s | p50 s |", "|---|---|---|"]
     for k, v in r["scaling"]["concurrency"].items():
-        lines.append(f"| {k} | {_f(v['image_steps_per_s'])} | {_f(v['p50_s'], 2)} |")
+        lines.append(f"| {k} | {fmt(v['image_steps_per_s'])} | {fmt(v['p50_s'], 2)} |")
     return [*lines, ""]
 
 
-def layout_choice_next_to(results_json: Path) -> dict[str, Any] | None:
-    """benchmarks/layout_choice.json (python -m benchmarks.layout_choice), if it was run."""
-    path = results_json.parent / "layout_choice.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _layout_choice(c: dict[str, Any] | None) -> list[str]:
-    if not c:
-        return []
-    a = c["args"]
-    lines = ["## The layout choice: in the server's process, or in a throwaway one", "",
-             f"`python -m benchmarks.layout_choice` (arguments {a}). Fresh processes ran the raw forward loop of "
-             f"{c['model']} at batch {c['batch']} (channels_last: {c['channels_last']}, the server's defaults "
-             "otherwise), in groups of "
-             f"{a['per_group']} measured in turn, {a['slices']} slices of {a['seconds']} s each. **in-process**: the "
-             "process timed both layouts before its loop, as the server's warm-up did until commit 1b696ce. "
-             "**throwaway**: it loaded the layout that a throwaway process chose, as the server does now. Each "
-             "process's median rate is taken relative to the mean of its group's throwaway processes.", "",
-             "| kind | processes | mean | min | max | below 0.9 |", "|---|---|---|---|---|---|"]
-    for kind, x in c["summary"].items():
-        lines.append(f"| {kind} | {x['processes']} | {_f(x['mean'], 3)} | {_f(x['min'], 2)} | {_f(x['max'], 2)} | "
-                     f"{x['below_0.9']} |")
-    return [*lines, ""]
-
-
-def write_report(results: dict[str, Any], out: Path, layout_choice: dict[str, Any] | None = None) -> None:
+def write_report(results: dict[str, Any], out: Path, studies: list[str] | None = None) -> None:
+    """docs/benchmarks.md from make bench's results, with the studies' sections (benchmarks.studies)."""
     m = results["machine"]
     lines = ["# Benchmarks", "",
              f"Machine: {m['cpus']} CPU cores ({m.get('cpu', '?')}, AVX512-BF16/AMX: {m.get('bf16')}), "
@@ -249,7 +238,7 @@ def write_report(results: dict[str, Any], out: Path, layout_choice: dict[str, An
         lines += _quality(results["quality"], results.get("quality_from"))
     for r in results["models"]:
         lines += _model(r)
-    lines += [*_layout_choice(layout_choice), NOTES, CUDA_NOTE]
+    lines += [*(studies or []), NOTES, CUDA_NOTE]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
 
@@ -257,4 +246,6 @@ def write_report(results: dict[str, Any], out: Path, layout_choice: dict[str, An
 if __name__ == "__main__":  # python -m benchmarks.report results.json docs/benchmarks.md: rewrite from the JSON
     import sys
 
-    write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), layout_choice_next_to(Path(sys.argv[1])))
+    from benchmarks.studies import studies_next_to
+
+    write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), studies_next_to(Path(sys.argv[1])))

@@ -1,0 +1,68 @@
+"""The studies behind two of the server's defaults, each a script of its own that writes a JSON file
+next to make bench's results: why the layout is timed in a throwaway process (benchmarks.layout_choice),
+and why DDIM_KEEP_FREED_MEMORY sets glibc's top pad (benchmarks.top_pad). Rendered into
+docs/benchmarks.md by benchmarks.report when their JSON files are there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import fmt
+
+
+def studies_next_to(results_json: Path) -> list[str]:
+    """The sections of the studies whose JSON files lie next to results_json."""
+    lines: list[str] = []
+    for name, render in STUDIES.items():
+        if (path := results_json.parent / f"{name}.json").exists():
+            lines += render(json.loads(path.read_text()))
+    return lines
+
+
+def repo_relative(args: dict[str, Any], root: Path, paths: tuple[str, ...] = ("model", "json")) -> dict[str, Any]:
+    """A script's arguments for the record, its paths inside the repository made relative to it."""
+    return {k: str(Path(v).resolve().relative_to(root)) if k in paths and Path(v).resolve().is_relative_to(root)
+            else v for k, v in args.items()}
+
+
+def _layout_choice(c: dict[str, Any]) -> list[str]:
+    a = c["args"]
+    lines = ["## The layout choice: in the server's process, or in a throwaway one", "",
+             f"`python -m benchmarks.layout_choice` (arguments {a}). Fresh processes ran the raw forward loop of "
+             f"{c['model']} at batch {c['batch']} (channels_last: {c['channels_last']}, the server's defaults "
+             "otherwise), in groups of "
+             f"{a['per_group']} measured in turn, {a['slices']} slices of {a['seconds']} s each. **in-process**: the "
+             "process timed both layouts before its loop, as the server's warm-up did until commit 1b696ce. "
+             "**throwaway**: it loaded the layout that a throwaway process chose, as the server does now. Each "
+             "process's median rate is taken relative to the mean of its group's throwaway processes.", "",
+             "| kind | processes | mean | min | max | below 0.9 |", "|---|---|---|---|---|---|"]
+    for kind, x in c["summary"].items():
+        lines.append(f"| {kind} | {x['processes']} | {fmt(x['mean'], 3)} | {fmt(x['min'], 2)} | {fmt(x['max'], 2)} | "
+                     f"{x['below_0.9']} |")
+    return [*lines, ""]
+
+
+def _top_pad(c: dict[str, Any]) -> list[str]:
+    a = c["args"]
+    lines = ["## Keeping freed memory: with glibc's top pad, or without", "",
+             f"`python -m benchmarks.top_pad` (arguments {a}). Fresh processes ran the raw forward loop of "
+             f"{c['model']} at batch {a['batch']} in {a['dtype']} (channels_last: {c['channels_last']}) in a thread "
+             "other than their main thread, as the server's worker does, in groups of "
+             f"{a['per_group']} measured in turn, {a['slices']} slices of {a['seconds']} s each. **kept**: "
+             "DDIM_KEEP_FREED_MEMORY as the server sets it now. **kept, no top pad**: as it was before "
+             "(app/models/memory.py says why the pad matters). Rates are relative to the mean of the group's kept "
+             "processes; a slice faults above 1,000 minor page faults per forward.", "",
+             "| kind | processes | mean | min | max | faulting slices | rate of faulting slices | rate of the others |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind, x in c["summary"].items():
+        lines.append(f"| {kind} | {x['processes']} | {fmt(x['mean'], 3)} | {fmt(x['min'], 2)} | {fmt(x['max'], 2)} | "
+                     f"{x['faulting_slices']} of {x['slices']} | {fmt(x['faulting_rate'], 2)} | "
+                     f"{fmt(x['other_rate'], 2)} |")
+    return [*lines, ""]
+
+
+STUDIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {"layout_choice": _layout_choice, "top_pad": _top_pad}
