@@ -16,8 +16,9 @@ The trim threshold covers the main thread's heap only. Forwards run in a model's
 whose memory comes from a thread arena: a chain of 64 MiB heaps, and glibc unmaps a heap of the
 chain as soon as a free leaves it empty, unless the top pad is at least that size (heap_trim in
 glibc's arena.c). A forward's activations span several heaps, so without the pad a process can fall
-into unmapping and faulting in one heap every step: 4,000-24,000 page faults per forward, 5-25 %
-of the bundled model's rate, in some processes for minutes and in others never (docs/benchmarks.md).
+into unmapping and faulting in one heap every step: thousands to tens of thousands of page faults
+per forward, at up to a quarter less speed, in some processes for minutes and in others never
+(benchmarks/top_pad.py, docs/benchmarks.md).
 The top pad is also added to each growth of the main heap, as address space not yet touched.
 """
 
