@@ -29,15 +29,18 @@ NOTES = """## How to read these numbers
   /proc) and the load generator 0.3 %; on two cores each such millisecond stalls a forward whose
   two threads hold both of them. (3) The process itself: fresh processes that had timed both
   memory layouts before settling on one ran the kept one slower, some of them for their whole life
-  (the layout-choice table below). Until commit 1b696ce the server did exactly that at warm-up; it
+  (the layout-choice table above). Until commit 1b696ce the server did exactly that at warm-up; it
   now times the layouts in a throwaway process and loads each model directly in the faster one
-  (`app/models/layout.py`). Directly loaded processes still differ: in float32 with channels_last
-  on the bundled model, some servers and some engine processes (no HTTP, no layout timing) ran
-  8-15 % slower than others in every slice of their life, while bfloat16 contiguous ones stayed
-  within a few percent. In one side-by-side test of 8 such float32 servers, the 4 started with
-  `THP_MEM_ALLOC_ENABLE=1` (torch's transparent huge pages for large allocations) averaged 5 %
-  more than the 4 without: a lead, not a default yet. Every round starts fresh processes, and the
-  tables show medians.
+  (`app/models/layout.py`). Directly loaded processes still differed: in float32 with
+  channels_last on the bundled model, some servers and some engine processes ran 8-15 % slower
+  than others in every slice of their life. The cause was glibc's thread arena, which unmapped and
+  faulted in one of its heaps every step in some processes and not in others (see "Keep freed
+  memory" below, and the top-pad study above); it may well be behind the layout-choice finding
+  too, as timing two layouts leaves a different arena behind. Since the top pad, the five float32 rounds of the
+  bundled model span 0.973-0.986 served / limit (0.853-1.030 in the run before it). Huge pages for
+  torch's large buffers (`THP_MEM_ALLOC_ENABLE=1`), a lead of the run before, measured within noise
+  of the default in fresh processes measured in turn, and stay off. Every round starts fresh
+  processes, and the tables show medians.
 - **Fresh processes.** The limit, the engine, the peer and the ladder each run in a spawned process
   of their own, in a thread that is not its main thread, as the server runs each model. Torch work
   from an earlier measurement leaves thread teams and heap state behind that a server process does
