@@ -16,6 +16,7 @@ import multiprocessing as mp
 import resource
 import statistics
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing.connection import Connection
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.models import LoadedModel, load_model
-from app.models.memory import GLIBC, M_TOP_PAD, keep_freed_memory
+from app.models.memory import GLIBC, GLIBC_TOP_PAD, M_TOP_PAD, keep_freed_memory
 from benchmarks.fastpaths import rate
 
 T = TypeVar("T")
@@ -67,7 +68,7 @@ def warmed_loop(m: LoadedModel, batch: int) -> Callable[[float], float]:
     return lambda seconds: rate(m.eps, x, t, seconds)
 
 
-def _serve(conn: Connection, setup: Callable[..., Callable[[Any], float]], args: tuple[Any, ...]) -> None:
+def _serve(conn: Connection, setup: Callable[..., Callable[[Any], Any]], args: tuple[Any, ...]) -> None:
     try:
         measure = setup(*args)
     except BaseException as e:
@@ -82,11 +83,11 @@ def _serve(conn: Connection, setup: Callable[..., Callable[[Any], float]], args:
 
 class Resident:
     """A measurement kept loaded in a process of its own, so that it can be taken again and again between
-    served windows: setup(*args) runs there once (it must be importable) and returns measure(arg) -> float;
-    calling this runs measure there while the caller waits. thread=False runs it in the process's main
-    thread instead of another one (for allocator_effect)."""
+    served windows: setup(*args) runs there once (it must be importable) and returns measure(arg);
+    calling this runs measure there while the caller waits and returns its value. thread=False runs it in
+    the process's main thread instead of another one (for allocator_effect)."""
 
-    def __init__(self, setup: Callable[..., Callable[[Any], float]], *args: Any, thread: bool = True) -> None:
+    def __init__(self, setup: Callable[..., Callable[[Any], Any]], *args: Any, thread: bool = True) -> None:
         self.conn, child = SPAWN.Pipe()
         self.proc = SPAWN.Process(target=in_thread, args=(_serve, child, setup, args), daemon=True) if thread \
             else SPAWN.Process(target=_serve, args=(child, setup, args), daemon=True)
@@ -137,13 +138,14 @@ def malloc_loop(folder: Path, batch: int, dtype: str, malloc: str,
     (image-steps/s, minor page faults per forward)."""
     if malloc == "kept, no top pad":  # before anything is allocated, as the server sets it
         keep_freed_memory()
-        ctypes.CDLL(GLIBC).mallopt(M_TOP_PAD, 0)
+        ctypes.CDLL(GLIBC).mallopt(M_TOP_PAD, GLIBC_TOP_PAD)
     loop = forward_loop(folder, batch, dtype, channels_last, malloc == "kept")
 
     def measure(seconds: float) -> tuple[float, float]:
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         rate = loop(seconds)
-        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (rate * seconds / batch)
+        forwards = rate * (time.perf_counter() - start) / batch  # the untimed first forward of rate() included
+        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / forwards
 
     return measure
 
@@ -158,5 +160,7 @@ def allocator_effect(folder: Path, batch: int, dtype: str, seconds: float, round
                 "kept, no top pad, thread": ("kept, no top pad", True)}
     loops = [Resident(malloc_loop, folder, batch, dtype, malloc, thread=thread) for malloc, thread in variants.values()]
     taken = dict(zip(variants, in_turn(loops, rounds, seconds)))
-    return {name: {"rates": [x[0] for x in xs], "image_steps_per_s": statistics.median(x[0] for x in xs),
-                   "faults_per_forward": statistics.median(x[1] for x in xs)} for name, xs in taken.items()}
+    out = {name: {"rates": [x[0] for x in xs], "image_steps_per_s": statistics.median(x[0] for x in xs),
+                  "faults_per_forward": statistics.median(x[1] for x in xs)} for name, xs in taken.items()}
+    out["kept, no top pad, thread"]["top_pad"] = GLIBC_TOP_PAD
+    return out

@@ -33,7 +33,7 @@ NOTES = """## How to read these numbers
   now times the layouts in a throwaway process and loads each model directly in the faster one
   (`app/models/layout.py`). Directly loaded processes still differed: in float32 with
   channels_last on the bundled model, some servers and some engine processes ran 8-15 % slower
-  than others in every slice of their life. The cause was glibc's thread arena, which unmapped and
+  than others in every slice of their life. The likely cause was glibc's thread arena, which unmapped and
   faulted in one of its heaps every step in some processes and not in others (see "Keep freed
   memory" below, and the top-pad study above); it may well be behind the layout-choice finding
   too, as timing two layouts leaves a different arena behind. Since the top pad, the five float32 rounds of the
@@ -51,8 +51,8 @@ NOTES = """## How to read these numbers
   trim thresholds and its top pad once at startup (`app/models/memory.py`); the malloc table measures
   it against the defaults, side by side. The top pad is new in this run: without it, a worker
   thread's arena unmapped one of its 64 MiB heaps and faulted it in again every step, in some
-  processes and slices and not in others (the top-pad study above: 20,000-30,000 page faults per
-  forward at 0.88 of the speed), the likeliest cause of the servers that ran slow for their whole
+  processes and slices and not in others (the top-pad study above: 14,000-18,000 page faults
+  per forward at 0.92 of the speed), the likeliest cause of the servers that ran slow for their whole
   life in earlier runs. The limit runs with the same setting as the server it is compared with.
   The peer runs with glibc's defaults, as diffusers users run it, so served / peer includes this
   gain.
@@ -168,7 +168,9 @@ def _allocator(r: dict[str, Any]) -> list[str]:
     return [*lines, "", f"{len(cols)} processes measured in turn, the median of each"
             + (" (in brackets: minor page faults per forward)" if faults else "") + "; \"thread\": the loop runs",
             "in a thread other than the process's main thread, as the server's forwards do. \"kept, no top pad\":",
-            "DDIM_KEEP_FREED_MEMORY as it was before it set glibc's top pad (app/models/memory.py says why).", ""]
+            "DDIM_KEEP_FREED_MEMORY as it was before it set the top pad (app/models/memory.py says why)"
+            + ("." if "top_pad" in next(iter(r["allocator"].values())).get("kept, no top pad, thread", {"top_pad": 0})
+               else "; in this run with a top pad of 0 instead of glibc's 128 KiB."), ""]
 
 
 def _rounds(r: dict[str, Any]) -> list[str]:

@@ -12,14 +12,17 @@ the way torch's CUDA caching allocator keeps device memory. RSS then stays at th
 forward's working set instead of shrinking between steps (tests/models/test_memory.py). With
 another malloc preloaded (jemalloc, tcmalloc) glibc's settings would change nothing, and this says so.
 
-The trim threshold covers the main thread's heap only. Forwards run in a model's worker thread,
-whose memory comes from a thread arena: a chain of 64 MiB heaps, and glibc unmaps a heap of the
-chain as soon as a free leaves it empty, unless the top pad is at least that size (heap_trim in
-glibc's arena.c). A forward's activations span several heaps, so without the pad a process can fall
-into unmapping and faulting in one heap every step: thousands to tens of thousands of page faults
-per forward, at up to a quarter less speed, in some processes for minutes and in others never
-(benchmarks/top_pad.py, docs/benchmarks.md).
-The top pad is also added to each growth of the main heap, as address space not yet touched.
+The trim threshold does not cover one case. Forwards run in a model's worker thread, whose memory
+comes from a thread arena: a chain of 64 MiB heaps. glibc unmaps a whole heap of the chain as soon
+as a free leaves it empty, unless the top pad is at least that size (heap_trim in glibc's arena.c;
+the trim threshold only governs shrinking a heap's top). A forward's activations span several
+heaps, so without the pad a process can fall into unmapping and faulting in one heap every step:
+thousands to tens of thousands of page faults per forward, at up to a fifth less speed, in some
+processes for their whole measured life and in others never (benchmarks/top_pad.py,
+docs/benchmarks.md). Side effects of the 64 MiB pad: each new thread arena maps a whole heap
+read-write at once (address space, not RSS; it counts under overcommit_memory=2 or RLIMIT_DATA),
+the main heap grows and trims in steps of it, and no thread arena ever gives a heap back, so RSS
+is the sum of each arena's peak.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, from glibc's malloc.h
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses more on 64-bit (half of its heap size)
 HEAP_MAX = 2 * MMAP_THRESHOLD_MAX  # the size of one heap of a thread arena (HEAP_MAX_SIZE)
+GLIBC_TOP_PAD = 128 * 1024  # glibc's own top pad (DEFAULT_TOP_PAD), for comparisons
 TRIM_THRESHOLD = 1 << 30
 GLIBC = "libc.so.6"  # glibc's soname on every Linux it runs on
 

@@ -25,17 +25,21 @@ from app.models import memory
 # thresholds without the top pad: enough in the main thread, not in another.
 PROBE = """
 import ctypes, resource, sys, threading
-from app.models.memory import (GLIBC, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MMAP_THRESHOLD_MAX, TRIM_THRESHOLD,
-                               keep_freed_memory)
+from app.models.memory import (GLIBC, GLIBC_TOP_PAD, M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD,
+                               MMAP_THRESHOLD_MAX, TRIM_THRESHOLD, keep_freed_memory)
+
+M_ARENA_MAX = -8
 
 libc = ctypes.CDLL(GLIBC)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 mode, where, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3])
+assert libc.mallopt(M_ARENA_MAX, 8) == 1  # the thread gets an arena of its own, whatever MALLOC_ARENA_MAX says
 if mode == "keep":
     assert keep_freed_memory()
 elif mode == "thresholds":
     assert libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
     assert libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    assert libc.mallopt(M_TOP_PAD, GLIBC_TOP_PAD) == 1  # whatever MALLOC_TOP_PAD_ says
 else:
     assert libc.mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 128 << 10) == 1
 
