@@ -15,7 +15,6 @@ It writes benchmarks/layout_choice.json, which `python -m benchmarks.report` ren
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from app.models import load_model
 from app.models.layout import faster_layouts
 from app.models.memory import keep_freed_memory
 from benchmarks.isolated import Resident, forward_loop, in_turn, warmed_loop
-from benchmarks.studies import repo_relative
+from benchmarks.studies import save_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,10 +80,8 @@ def main() -> None:
     for k in range(a.groups):
         groups.append(group(folder, a.batch, dtype, chosen, a.per_group, a.slices, a.seconds))
         print(f"group {k + 1}: " + ", ".join(f"{p['kind']} {p['median']:.0f}" for p in groups[-1]), flush=True)
-    args = repo_relative(vars(a), ROOT)
-    out = {"args": args, "model": folder.name, "batch": a.batch, "channels_last": chosen,
-           "groups": groups, "summary": summary(groups)}
-    Path(a.json).write_text(json.dumps(out, indent=2))
+    out = save_study(vars(a), ROOT, model=folder.name, batch=a.batch, channels_last=chosen, groups=groups,
+                     summary=summary(groups))
     for kind, s in out["summary"].items():
         print(f"{kind}: {s['processes']} processes, mean {s['mean']:.3f} of throwaway, "
               f"range {s['min']:.2f}-{s['max']:.2f}, {s['below_0.9']} below 0.9")

@@ -23,10 +23,13 @@ def studies_next_to(results_json: Path) -> list[str]:
     return lines
 
 
-def repo_relative(args: dict[str, Any], root: Path, paths: tuple[str, ...] = ("model", "json")) -> dict[str, Any]:
-    """A script's arguments for the record, its paths inside the repository made relative to it."""
-    return {k: str(Path(v).resolve().relative_to(root)) if k in paths and Path(v).resolve().is_relative_to(root)
-            else v for k, v in args.items()}
+def save_study(args: dict[str, Any], root: Path, **fields: Any) -> dict[str, Any]:
+    """Write a study's JSON file (args["json"]): its arguments for the record, paths inside the repository
+    relative to it, then fields. What was written."""
+    out = {"args": {k: str(Path(v).resolve().relative_to(root)) if k in ("model", "json")
+                    and Path(v).resolve().is_relative_to(root) else v for k, v in args.items()}, **fields}
+    Path(args["json"]).write_text(json.dumps(out, indent=2))
+    return out
 
 
 def _layout_choice(c: dict[str, Any]) -> list[str]:

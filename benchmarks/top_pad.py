@@ -15,7 +15,6 @@ It writes benchmarks/top_pad.json, which `python -m benchmarks.report` renders.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from app.models.layout import faster_layouts
 from benchmarks.isolated import Resident, in_turn, malloc_loop
-from benchmarks.studies import repo_relative
+from benchmarks.studies import save_study
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("kept", "kept, no top pad")
@@ -83,9 +82,7 @@ def main() -> None:
         print(f"group {k + 1}: " + "; ".join(
             f"{p['kind']} {statistics.mean(p['rates']):.0f} ({max(p['faults_per_forward']):.0f} faults/forward at "
             "most)" for p in groups[-1]), flush=True)
-    args = repo_relative(vars(a), ROOT)
-    out = {"args": args, "model": folder.name, "channels_last": chosen, "groups": groups, "summary": summary(groups)}
-    Path(a.json).write_text(json.dumps(out, indent=2))
+    out = save_study(vars(a), ROOT, model=folder.name, channels_last=chosen, groups=groups, summary=summary(groups))
     for kind, s in out["summary"].items():
         print(f"{kind}: {s['processes']} processes, mean {s['mean']:.3f} of kept, range {s['min']:.2f}-"
               f"{s['max']:.2f}; {s['faulting_slices']} of {s['slices']} slices faulting")
