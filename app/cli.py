@@ -76,8 +76,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from app.train.ddpm import TrainConfig, export, train
 
+    from app.train.data import CLASSES
+
+    conditional = args.conditional if args.conditional is not None else args.objective == "flow"
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      threads=args.threads)
+                      threads=args.threads, objective=args.objective,
+                      num_classes=len(CLASSES) if conditional else 0, class_dropout=args.class_dropout,
+                      class_names=[c.lower() for c in CLASSES] if conditional else [])
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.name)
     train(cfg, workdir, max_minutes=args.max_minutes)
     if args.export:
@@ -165,8 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="xT.npy")
     i.set_defaults(func=cmd_invert)
 
-    t = sub.add_parser("train", help="train the Fashion-MNIST eps-model (resumes from its checkpoint)")
-    t.add_argument("--name", default="fashion-mnist")
+    t = sub.add_parser("train", help="train a Fashion-MNIST model (resumes from its checkpoint)")
+    t.add_argument("--name", default="fashion-mnist", help="names the checkpoint folder")
+    t.add_argument("--objective", choices=["epsilon", "flow"], default="epsilon",
+                   help="epsilon: DDPM's L_simple; flow: rectified flow (v = eps - x0)")
+    t.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
+                   help="class-conditional with label dropout (default: on for flow, off for epsilon)")
+    t.add_argument("--class-dropout", type=float, default=0.1, help="share of null labels in training")
     t.add_argument("--workdir", help="checkpoint folder (default ~/.cache/ddim-serve/train/NAME)")
     t.add_argument("--steps", type=int, default=8000, help="total optimiser steps")
     t.add_argument("--batch-size", type=int, default=64)

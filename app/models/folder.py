@@ -27,8 +27,12 @@ DDPM_CIFAR10_SCHEDULER: dict[str, Any] = {
 
 
 def write_model_folder(root: Path, unet: UNet2DModel, scheduler_config: dict[str, Any],
-                       layout: str = "nested") -> Path:
-    """Save unet (safetensors) and its scheduler config as a DDPMPipeline folder."""
+                       layout: str = "nested", class_names: list[str] | None = None) -> Path:
+    """Save unet (safetensors) and its scheduler config as a diffusers pipeline folder.
+
+    The scheduler's _class_name defaults to DDPMScheduler. class_names (nested layout only) go into
+    model_index.json as id2label, the key diffusers' DiTPipeline uses for a class-conditional model.
+    """
     root.mkdir(parents=True, exist_ok=True)
     sched = {"_class_name": "DDPMScheduler", **scheduler_config, "_diffusers_version": DIFFUSERS_VERSION}
     if layout == "flat":
@@ -38,8 +42,10 @@ def write_model_folder(root: Path, unet: UNet2DModel, scheduler_config: dict[str
     unet.save_pretrained(root / "unet", safe_serialization=True)
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    index: dict[str, Any] = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                             "scheduler": ["diffusers", sched["_class_name"]], "unet": ["diffusers", "UNet2DModel"]}
+    if class_names:
+        index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return root
 

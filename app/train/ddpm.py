@@ -1,4 +1,13 @@
-"""`ddim train`: L_simple training of the bundled eps-model, with EMA, checkpoints and resume."""
+"""`ddim train`: training of the bundled models, with EMA, checkpoints and resume.
+
+Two objectives over the same UNet2DModel:
+- "epsilon": DDPM's L_simple on the VP path x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps;
+- "flow": rectified flow, x_sigma = (1 - sigma) x0 + sigma eps with sigma ~ U(0, 1), the network at
+  timestep 1000 sigma regressing v = eps - x0 (diffusers' FlowMatchEulerDiscreteScheduler convention).
+With num_classes > 0 the UNet gets a class embedding of num_classes + 1 rows; the last one is the null
+(unconditional) label, used for a fraction class_dropout of the training batch, so that one model serves
+unconditional and classifier-free-guided sampling.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +39,12 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
 }
 
+FLOW_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+}
+
 UNET_CONFIG = {
     "sample_size": 32,
     "in_channels": 1,
@@ -52,8 +67,33 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     threads: int = 0
+    objective: str = "epsilon"  # or "flow"
+    num_classes: int = 0  # > 0: class-conditional, with one more (null) label
+    class_dropout: float = 0.1
+    class_names: list = field(default_factory=list)
     unet: dict = field(default_factory=lambda: dict(UNET_CONFIG))
     scheduler: dict = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("epsilon", "flow"):
+            raise ValueError(f"objective must be 'epsilon' or 'flow', got {self.objective!r}")
+        if self.objective == "flow" and self.scheduler.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+            self.scheduler = dict(FLOW_SCHEDULER_CONFIG)
+        if self.num_classes:
+            self.unet = {**self.unet, "num_class_embeds": self.num_classes + 1}
+
+
+def noisy_batch(cfg: TrainConfig, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, the network's timestep, the regression target) for one batch of clean images."""
+    eps = torch.randn(x0.shape, generator=gen)
+    if cfg.objective == "flow":
+        sigma = torch.rand(len(x0), generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * eps, sigma * cfg.scheduler["num_train_timesteps"], eps - x0
+    t = torch.randint(0, alphas_cumprod.numel(), (len(x0),), generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps  # L_simple
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
@@ -93,10 +133,10 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> 
         log.info("resumed from %s at step %d", ckpt_path, step)
     (workdir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    images, _ = load_split("train")
+    images, labels_all = load_split("train")
     data = to_model_space(images, cfg.unet["sample_size"])
-    alphas_cumprod = alphas_cumprod_from_config(cfg.scheduler)
-    T = alphas_cumprod.numel()
+    labels_all = torch.from_numpy(labels_all.astype("int64"))
+    alphas_cumprod = alphas_cumprod_from_config(cfg.scheduler) if cfg.objective == "epsilon" else torch.ones(1)
 
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -109,14 +149,16 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
     t0 = time.monotonic()
     while step < cfg.steps and time.monotonic() < deadline:
-        x0 = data[_batch_indices(step, cfg.batch_size, len(data), cfg.seed)]
+        idx = _batch_indices(step, cfg.batch_size, len(data), cfg.seed)
+        x0 = data[idx]
         flip = torch.rand(len(x0), generator=gen) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, T, (len(x0),), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)  # L_simple
+        x_t, t, target = noisy_batch(cfg, x0, alphas_cumprod, gen)
+        labels = None
+        if cfg.num_classes:
+            drop = torch.rand(len(x0), generator=gen) < cfg.class_dropout
+            labels = torch.where(drop, torch.full_like(idx, cfg.num_classes), labels_all[idx])
+        loss = torch.nn.functional.mse_loss(model(x_t, t, class_labels=labels).sample, target)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
@@ -143,8 +185,9 @@ def export(workdir: Path, out: Path) -> dict:
     cfg = json.loads((workdir / "train_config.json").read_text())
     unet = UNet2DModel(**cfg["unet"])
     unet.load_state_dict(state["ema"])
-    write_model_folder(out, unet, {k: v for k, v in cfg["scheduler"].items() if k != "_class_name"})
+    write_model_folder(out, unet, cfg["scheduler"], class_names=cfg.get("class_names") or None)
     info = {"step": state["step"], "wall_seconds": round(state["wall"], 1), "batch_size": cfg["batch_size"],
+            "objective": cfg.get("objective", "epsilon"), "class_dropout": cfg.get("class_dropout"),
             "lr": cfg["lr"], "ema_decay": cfg["ema_decay"], "seed": cfg["seed"],
             "parameters": sum(p.numel() for p in unet.parameters())}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
