@@ -1,6 +1,6 @@
 # ddim-serve: `make serve` starts the service with the bundled model, `make test` runs the tests.
 PYTHON ?= python3
-# extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" where the
+# extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" where the
 # default index would give a CUDA build
 TORCH_PIP_ARGS ?=
 VENV   ?= .venv
@@ -9,21 +9,29 @@ STAMP   = $(VENV)/.installed-stamp
 
 .PHONY: install serve test bench lint clean
 
+# The first run downloads torch and the dependencies (pip shows each download); later runs skip this.
 $(STAMP): pyproject.toml
+	@echo "==> [1/4] creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> [2/4] upgrading pip"
 	$(BIN)/pip install --quiet --upgrade pip
-	# the CPU build of torch first, so that nothing pulls a CUDA build (see README for GPUs)
-	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "==> [3/4] installing torch==2.13.0 first, so that nothing pulls another build (a large download: minutes)"
+	$(BIN)/pip install --progress-bar on $(TORCH_PIP_ARGS) torch==2.13.0
+	@echo "==> [4/4] installing ddim-serve and its dependencies"
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
+	@echo "==> installed; 'make serve' and 'make test' start at once from now on"
 
 install: $(STAMP)
 
 serve: $(STAMP)
+	@echo "==> starting ddim-serve on http://127.0.0.1:8000 (it holds this terminal: Ctrl-C stops it);"
+	@echo "    ready when http://127.0.0.1:8000/readyz answers 200 (the log line 'model ... ready')"
 	$(BIN)/ddim-serve
 
+# -rs lists every skipped test with its reason
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

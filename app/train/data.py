@@ -1,14 +1,18 @@
-"""Fashion-MNIST from the Debian package dataset-fashion-mnist (gzipped IDX files)."""
+"""Fashion-MNIST from the Debian package dataset-fashion-mnist (gzipped IDX files).
+
+DDIM_FASHION_MNIST_DIR points elsewhere: a folder holding the same four files, on systems without the package.
+"""
 
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path(os.environ.get("DDIM_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -32,7 +36,8 @@ def load_split(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, 
     labels = root / f"{prefix}-labels-idx1-ubyte.gz"
     for p in (images, labels):
         if not p.exists():
-            raise FileNotFoundError(f"{p} is missing: apt-get install dataset-fashion-mnist")
+            raise FileNotFoundError(f"{p} is missing: apt-get install dataset-fashion-mnist, or set "
+                                    "DDIM_FASHION_MNIST_DIR to a folder with the four files")
     return read_idx(images), read_idx(labels)
 
 

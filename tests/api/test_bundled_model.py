@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.train.data import FASHION_MNIST_DIR, load_split
+from app.train.data import load_split
 from tests.api.helpers import npy, png_b64
 from tests.server import running_server
 
@@ -23,7 +23,7 @@ def bundled() -> Iterator[str]:
         yield url
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.dataset("fashion-mnist")
 def test_invert_then_generate_reconstructs_test_images(bundled: str) -> None:
     images, _ = load_split("test")
     picks = [0, 1, 2, 3]

@@ -31,6 +31,7 @@ TINY_32 = {  # the classifier reads 1x32x32, so the smoke model must write it
 
 # -- the classifier -------------------------------------------------------------------------
 
+@pytest.mark.dataset("fashion-mnist")
 def test_shipped_classifier_is_small_and_accurate() -> None:
     assert WEIGHTS.stat().st_size < 1_000_000
     images, labels = load_split("test")
@@ -134,6 +135,7 @@ def counted_eps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.mark.dataset("fashion-mnist")  # FID-FMNIST and Table 2 read the training and test images
 def test_tiny_eval_writes_report_and_resumes(tmp_path: Path, counted_eps: list[int]) -> None:
     store = tmp_path / "store"
     random_model_folder(store / "tiny32", TINY_32, {**LINEAR_SCHEDULER, "clip_sample": True}, seed=0)
