@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__, logs
@@ -20,6 +21,7 @@ from app.metrics import Metrics
 from app.middleware import RequestMiddleware
 
 log = logging.getLogger(__name__)
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,8 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         task.cancel()
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="ddim-serve", version=__version__, lifespan=lifespan,
-                  description="DDIM/DDPM sampling from pretrained eps-models, batched per denoising step.")
+    # /docs and /redoc with Swagger UI and ReDoc served from here (the package fastapi-offline ships them), not
+    # from a CDN: the interactive docs work on a closed network
+    app = FastAPIOffline(title="ddim-serve", version=__version__, lifespan=lifespan, static_url=DOCS_ASSETS,
+                         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
+                         description="DDIM/DDPM sampling from pretrained eps-models, batched per denoising step.")
     app.state.settings, app.state.metrics, app.state.engine = settings, metrics, engine
     errors.install(app)
     app.include_router(router)
