@@ -16,7 +16,10 @@ from pydantic import ValidationError
 from app.api.codecs import b64decode, b64encode, decode_image, decode_npy
 from app.api.errors import ClientGone, NotReady
 from app.api.negotiate import GIF, JSON, NPY, PNG, negotiate
-from app.api.schemas import Endpoint, GenerateRequest, InterpolateRequest, InvertRequest
+from app.api.schemas import (
+    BINARY, ERROR_RESPONSES, Endpoint, ErrorResponse, GenerateRequest, GenerateResponse, InterpolateRequest,
+    InterpolateResponse, InvertRequest, InvertResponse, invert_request_body,
+)
 from app.config import Settings
 from app.engine.client import Engine, InvalidRequest
 from app.engine.jobs import SampleJob
@@ -90,7 +93,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"model": ErrorResponse, "description": "not ready yet"}})
 async def readyz(request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
     if not engine.ready:
@@ -98,7 +101,7 @@ async def readyz(request: Request) -> dict[str, Any]:
     return {"status": "ready", "models": sorted(engine.models)}
 
 
-@router.get("/models")
+@router.get("/models", responses={503: {"model": ErrorResponse, "description": "not ready yet"}})
 async def models(engine: EngineDep) -> dict[str, Any]:
     out = []
     for name, m in sorted(engine.models.items()):
@@ -121,7 +124,8 @@ def _generate_response(accept: str, out: dict[str, Any], x_T: torch.Tensor, x_0:
     return out
 
 
-@router.post("/generate", responses={200: {"content": {PNG: {}, NPY: {}}}})
+@router.post("/generate", responses={**ERROR_RESPONSES, 200: {"model": GenerateResponse,
+                                                                "content": {PNG: BINARY, NPY: BINARY}}})
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     accept = negotiate(request, [JSON, PNG, NPY])
     request.state.params = {"n": body.n, "steps": body.steps, "eta": body.eta}
@@ -168,7 +172,8 @@ def _decode_images(raws: list[bytes], field: str, model: LoadedModel, max_pixels
                                      model.sample_shape, max_pixels) for i, r in enumerate(raws)])
 
 
-@router.post("/invert", responses={200: {"content": {NPY: {}}}})
+@router.post("/invert", openapi_extra=invert_request_body(),
+             responses={**ERROR_RESPONSES, 200: {"model": InvertResponse, "content": {NPY: BINARY}}})
 async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     accept = negotiate(request, [JSON, NPY])
     body, raws = await _invert_request(request)
@@ -218,7 +223,8 @@ def _interpolate_response(accept: str, out: dict[str, Any], frames: torch.Tensor
     return out
 
 
-@router.post("/interpolate", responses={200: {"content": {GIF: {}, PNG: {}}}})
+@router.post("/interpolate", responses={**ERROR_RESPONSES, 200: {"model": InterpolateResponse,
+                                                                   "content": {GIF: BINARY, PNG: BINARY}}})
 async def interpolate(body: InterpolateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     accept = negotiate(request, [JSON, GIF, PNG])
     request.state.params = {"n": body.frames, "steps": body.steps, "eta": 0.0}

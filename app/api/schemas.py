@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,3 +59,70 @@ class InterpolateRequest(_Body):
     schedule: Schedule = "uniform"
     method: Literal["slerp", "lerp"] = "slerp"
     return_latents: bool = False
+
+
+# -- responses, as documented in /openapi.json (the routes return plain dicts of these shapes) ----------------
+
+class GenerateResponse(BaseModel):
+    model: str
+    seed: int | None = Field(None, description="the seed used (null when x_T was given and eta = 0)")
+    n: int
+    steps: int
+    eta: float
+    variance: str
+    schedule: str
+    images: list[str] = Field(description="base64 PNGs, one per sample")
+    x_T: str | None = Field(None, description="with return_latents: the start latents, base64 .npy")
+    x_0: str | None = Field(None, description="with return_latents: the final samples, base64 .npy")
+
+
+class InvertResponse(BaseModel):
+    model: str
+    steps: int
+    schedule: str
+    x_T: str = Field(description="the inverted latents, base64 .npy, float32 (n, C, H, W)")
+    reconstruction: list[str] | None = Field(None, description="with return_reconstruction: base64 PNGs")
+    reconstruction_mse: list[float] | None = Field(None, description="per image, pixels in [0, 1]")
+
+
+class InterpolateResponse(BaseModel):
+    model: str
+    frames: int
+    steps: int
+    schedule: str
+    method: str
+    images: list[str] = Field(description="base64 PNGs, one per frame")
+    x_T: str | None = Field(None, description="with return_latents: the frames' latents, base64 .npy")
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the field as the client sent it, e.g. n, images.0, files.1, start.x_T, body")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    detail: list[FieldError] | str
+
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERRORS = {422: "invalid input", 404: "unknown model", 406: "an Accept this endpoint cannot produce",
+           413: "body or image too large", 429: "the model's queue is full (Retry-After)",
+           499: "the client disconnected", 500: "internal error (the detail names the request id)",
+           503: "models not ready yet (Retry-After)"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
+
+
+def invert_request_body() -> dict[str, Any]:
+    """openapi_extra for /invert, which reads its body itself: the JSON form (InvertRequest) and the multipart
+    form, whose files replace images and whose other fields are InvertRequest's."""
+    json_schema = InvertRequest.model_json_schema()
+    files = {"type": "array", "minItems": 1, "description": "PNG or JPEG files",
+             "items": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}}
+    fields = {k: v for k, v in json_schema["properties"].items() if k != "images"}
+    form = {"title": "InvertForm", "type": "object", "properties": {"files": files, **fields},
+            "required": ["files"], "additionalProperties": False}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": json_schema},
+        "multipart/form-data": {"schema": form, "encoding": {"files": {"contentType": "image/png, image/jpeg"}}}}}}
