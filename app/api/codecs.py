@@ -14,6 +14,11 @@ from app.engine.client import InvalidRequest
 from app.images import from_npy_bytes, to_model_space
 
 
+# The server's own limit (max_image_pixels, checked on the header before any pixel is decoded) replaces Pillow's
+# decompression-bomb check, so that every image over it gets the same message, whatever its size.
+Image.MAX_IMAGE_PIXELS = None
+
+
 class PayloadTooLarge(Exception):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -47,11 +52,15 @@ def decode_image(raw: bytes, field: str, shape: tuple[int, int, int], max_pixels
     """PNG/JPEG bytes -> [C, H, W] in [-1, 1], resized and centre-cropped to the model's shape."""
     try:
         image = Image.open(io.BytesIO(raw))  # reads the header only
-        if image.width * image.height > max_pixels:
-            raise PayloadTooLarge(field, f"{field} has {image.width}x{image.height} pixels; the limit is {max_pixels}")
+    except UnidentifiedImageError as e:  # its message holds the repr of our buffer: say what it means instead
+        raise InvalidRequest(field, f"{field} is not an image in a format this server reads (PNG, JPEG, ...)") from e
+    except (OSError, SyntaxError, ValueError, TypeError) as e:
+        raise InvalidRequest(field, f"{field} cannot be decoded as an image ({e})") from e
+    if image.width * image.height > max_pixels:
+        raise PayloadTooLarge(field, f"{field} is {image.width}x{image.height} pixels; this server takes at most "
+                                     f"{max_pixels} pixels per image")
+    try:
         image.load()
         return to_model_space(image, shape)
-    except Image.DecompressionBombError as e:
-        raise PayloadTooLarge(field, f"{field} is too large to decode ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
+    except (OSError, SyntaxError, ValueError, TypeError) as e:
         raise InvalidRequest(field, f"{field} cannot be decoded as an image ({e})") from e

@@ -46,6 +46,9 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
             msg = f"body is not valid JSON: {reason}".strip(": ")
             out.append({"field": "body", "msg": msg, "type": "json_invalid"})
             continue
+        if tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing":
+            out.append({"field": "body", "msg": "the body is empty: send a JSON object", "type": "missing"})
+            continue
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         out.append({"field": ".".join(loc) or "body", "msg": e.get("msg", "invalid"), "type": e.get("type")})
     return out

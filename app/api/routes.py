@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from math import prod
 from typing import Annotated, Any, TypeVar
@@ -144,44 +145,57 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
     return await _offload(small, _generate_response, accept, out, start, x_0, body.return_latents)
 
 
-async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes]]:
-    """JSON {images: [base64]} or a multipart form with files (other fields as form fields)."""
+async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes], str]:
+    """JSON {images: [base64]} or a multipart form with files (other fields as form fields); also returns the name
+    the client gave the images (images or files), so that errors name the field the client used."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         try:
             async with request.form() as form:
-                files = [await f.read() for f in form.getlist("files") if hasattr(f, "read")]
+                uploads = form.getlist("files")
+                files = [await f.read() for f in uploads if not isinstance(f, str)]
                 fields = {k: v for k, v in form.items() if k != "files"}
         except (StarletteHTTPException, ValueError) as e:
             raise InvalidRequest("files", f"the multipart form cannot be read ({getattr(e, 'detail', e)})") from e
+        if len(files) < len(uploads):
+            raise InvalidRequest("files", "files must be file uploads (curl -F files=@image.png), not text fields")
         data: Any = {**fields, "images": ["-"] * len(files)}
+        field = "files"
     else:
+        raw = await request.body()
+        if not raw.strip():
+            raise InvalidRequest("body", 'the body is empty: send JSON {"images": [base64 PNG or JPEG, ...]} '
+                                         "or a multipart form with files")
         try:
-            data = await request.json()
+            data = json.loads(raw)
         except ValueError as e:
-            raise InvalidRequest("body", f"body is not valid JSON ({e})") from e
-        files = None
+            raise InvalidRequest("body", f"body is not valid JSON: {e}") from e
+        files, field = None, "images"
     try:
         body = InvertRequest.model_validate(data)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from e
-    return body, files if files is not None else [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)]
+    except ValidationError as e:  # multipart: the client sent files, not images
+        raise RequestValidationError([{**err, "loc": (field, *err["loc"][1:]) if err["loc"][:1] == ("images",)
+                                       else err["loc"]} for err in e.errors()]) from e
+    raws = files if files is not None else [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)]
+    return body, raws, field
 
 
 def _decode_images(raws: list[bytes], field: str, model: LoadedModel, max_pixels: int) -> torch.Tensor:
-    return torch.stack([decode_image(r, f"{field}.{i}" if len(raws) > 1 or field == "images" else field,
-                                     model.sample_shape, max_pixels) for i, r in enumerate(raws)])
+    """images and files are lists, whose errors name the item (images.0); an interpolation end names its field."""
+    listed = field in ("images", "files")
+    return torch.stack([decode_image(r, f"{field}.{i}" if listed else field, model.sample_shape, max_pixels)
+                        for i, r in enumerate(raws)])
 
 
 @router.post("/invert", openapi_extra=invert_request_body(),
              responses={**ERROR_RESPONSES, 200: {"model": InvertResponse, "content": {NPY: BINARY}}})
 async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     accept = negotiate(request, [JSON, NPY])
-    body, raws = await _invert_request(request)
+    body, raws, field = await _invert_request(request)
     request.state.params = {"n": len(raws), "steps": body.steps, "eta": 0.0}
     model = _model(engine, request, body.model)
     if len(raws) > settings.max_n:
-        raise InvalidRequest("images", f"at most {settings.max_n} images per request on this server")
-    images = await asyncio.to_thread(_decode_images, raws, "images", model, settings.max_image_pixels)
+        raise InvalidRequest(field, f"at most {settings.max_n} images per request on this server")
+    images = await asyncio.to_thread(_decode_images, raws, field, model, settings.max_image_pixels)
     x_T = await _run(engine, request, model, engine.invert_job(model, images, steps=body.steps,
                                                                schedule=body.schedule))
     if accept == NPY:

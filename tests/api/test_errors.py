@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import re
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("invert truncated png", "/invert", {"images": [TRUNCATED_PNG]}, 422, "images.0"),
     ("invert not an image", "/invert", {"images": [base64.b64encode(b"GIF89a-nope").decode()]}, 422, "images.0"),
     ("invert bad base64", "/invert", {"images": ["not base64!"]}, 422, "images.0"),
-    ("invert not json", "/invert", b"]]", 422, "body"),
+    ("invert not json", "/invert", b"]]", 422, "body is not valid JSON"),
     ("invert unknown model", "/invert", {"model": "nope", "images": [PNG]}, 404, "nope"),
     ("interpolate two kinds of end", "/interpolate", {"start": {"seed": 1, "x_T": GOOD_LATENT}, "end": {"seed": 2}},
      422, "start"),
@@ -74,7 +77,7 @@ def test_bad_multipart_and_odd_image_modes(client: httpx.Client) -> None:
                     headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert r.status_code in (400, 422) and "detail" in r.json()
     r = client.post("/invert", files=[("files", ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"))])
-    assert r.status_code == 422 and "images.0" in str(r.json()["detail"])
+    assert r.status_code == 422 and "files.0" in str(r.json()["detail"])
     for mode, size in (("I;16", (9, 9)), ("CMYK", (5, 20)), ("RGBA", (30, 30)), ("P", (8, 8)), ("1", (12, 12))):
         r = client.post("/invert", json={"model": "tiny-rgb", "images": [png_b64(Image.new(mode, size),
                                                                                 "TIFF" if mode == "CMYK" else "PNG")],
@@ -82,9 +85,58 @@ def test_bad_multipart_and_odd_image_modes(client: httpx.Client) -> None:
         assert r.status_code in (200, 422), (mode, r.text)
 
 
+def one_error(r: httpx.Response, status: int = 422) -> dict[str, str]:
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert len(detail) == 1, detail
+    return detail[0]
+
+
+def test_errors_name_the_field_the_client_used_in_plain_words(client: httpx.Client) -> None:
+    text = ("a.txt", b"hello, not an image", "text/plain")
+    png = ("b.png", base64.b64decode(PNG), "image/png")
+    # the multipart form names its images files: so do its errors, with the item's index
+    e = one_error(client.post("/invert", files=[("files", png), ("files", text)]))
+    assert e == {"field": "files.1", "type": "value_error",
+                 "msg": "files.1 is not an image in a format this server reads (PNG, JPEG, ...)"}
+    e = one_error(client.post("/invert", json={"images": [PNG, base64.b64encode(text[1]).decode()]}))
+    assert e["field"] == "images.1" and "not an image" in e["msg"]
+    e = one_error(client.post("/invert", files={"steps": (None, "3")}))  # a form without files
+    assert e["field"] == "files" and "images" not in e["msg"]
+    e = one_error(client.post("/invert", files={"files": (None, "image.png")}))  # -F files=image.png, no @
+    assert e["field"] == "files" and "file uploads" in e["msg"]
+    e = one_error(client.post("/invert", files=[("files", png)], data={"steps": "0"}))
+    assert e["field"] == "steps"
+    # an empty body is empty, not invalid JSON
+    for headers in ({}, {"content-type": "application/json"}):
+        e = one_error(client.post("/invert", content=b"", headers=headers))
+        assert e["field"] == "body" and e["msg"].startswith("the body is empty"), e
+    e = one_error(client.post("/generate", content=b"", headers={"content-type": "application/json"}))
+    assert e["field"] == "body" and e["msg"].startswith("the body is empty"), e
+    e = one_error(client.post("/invert", content=b"{oops", headers={"content-type": "application/json"}))
+    assert e["field"] == "body" and e["msg"].startswith("body is not valid JSON"), e
+
+
+def test_no_error_shows_a_python_repr(client: httpx.Client) -> None:
+    bad = [client.post("/invert", files=[("files", ("x.png", b"\x00" * 64, "image/png"))]),
+           client.post("/invert", json={"images": [base64.b64encode(b"\x00" * 64).decode()]}),
+           client.post("/interpolate", json={"start": {"image": base64.b64encode(b"nope").decode()},
+                                             "end": {"seed": 1}})]
+    for r in bad:
+        assert r.status_code == 422, r.text
+        assert not re.search(r"<[\w.]+ object at 0x|Traceback|BytesIO", r.text), r.text
+
+
 def test_unacceptable_accept_header(client: httpx.Client) -> None:
     r = client.post("/generate", json={"steps": 2}, headers={"accept": "text/html"})
     assert r.status_code == 406 and "image/png" in r.json()["detail"]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data): only the header is read before the size check."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
 
 
 def test_huge_image_and_body_are_413(tmp_path: Path, tiny_store: Path) -> None:
@@ -93,6 +145,12 @@ def test_huge_image_and_body_are_413(tmp_path: Path, tiny_store: Path) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
             r = c.post("/invert", json={"images": [big]})
             assert r.status_code == 413 and "images.0" in str(r.json()["detail"])
+            # one message whatever the size: 9 Mpixel, and 400 Mpixel (past Pillow's own decompression-bomb limit)
+            for side in (3000, 20000):
+                r = c.post("/invert", files=[("files", ("big.png", png_header_only(side, side), "image/png"))])
+                assert r.status_code == 413, r.text
+                assert r.json()["detail"] == [{"field": "files.0", "type": "too_large", "msg": (
+                    f"files.0 is {side}x{side} pixels; this server takes at most 1000000 pixels per image")}]
             r = c.post("/generate", content=b"{" + b" " * 300_000 + b"}", headers={"content-type": "application/json"})
             assert r.status_code == 413 and "body" in str(r.json()["detail"])
             # no content-length: a chunked body is counted as it arrives
