@@ -27,8 +27,11 @@ class Metrics:
         self.forward_seconds = Histogram("ddim_model_forward_seconds", "Time of one eps-network forward",
                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.sample_steps = Counter("ddim_sample_steps", "Sample-steps computed", ["model"], registry=r)
-        self.images = Counter("ddim_images", "Images (or latents) produced", ["model", "endpoint"], registry=r)
-        self.rejected = Counter("ddim_requests_rejected", "Requests rejected, by reason", ["reason"], registry=r)
+        self.images = Counter("ddim_images", "Images returned (generate, interpolation frames) or latents (invert)",
+                              ["model", "endpoint"], registry=r)
+        self.rejected = Counter("ddim_requests_rejected",
+                                "Requests to /generate, /invert, /interpolate refused, by reason", ["reason"],
+                                registry=r)
         self.model_info = Gauge("ddim_model_info", "Loaded models (value 1), with how they are loaded",
                                 ["model", "device", "dtype", "num_train_timesteps", "image_size", "channels"],
                                 registry=r)

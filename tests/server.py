@@ -22,8 +22,9 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(model_store: Path, *, ready_timeout: float = 120.0, plain: bool = True,
-                   **env: str) -> Iterator[str]:
-    """Start `ddim-serve` on a free loopback port; yields its base URL; DDIM_* settings via env.
+                   wait_for: str = "/readyz", **env: str) -> Iterator[str]:
+    """Start `ddim-serve` on a free loopback port; yields its base URL once wait_for answers 200 (/healthz: as soon
+    as it serves HTTP, before its models are ready); DDIM_* settings via env.
 
     plain: run the plain path (float32, contiguous), so that exact comparisons hold on every CPU;
     plain=False keeps the server's own defaults (its fast path), as tests/api/test_fast_server.py does.
@@ -43,12 +44,12 @@ def running_server(model_store: Path, *, ready_timeout: float = 120.0, plain: bo
                 log.seek(0)
                 raise RuntimeError(f"ddim-serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{wait_for}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ddim-serve not ready after {ready_timeout} s")
+                raise TimeoutError(f"ddim-serve: {wait_for} not 200 after {ready_timeout} s")
             time.sleep(0.1)
         yield url
     finally:

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.codecs import PayloadTooLarge
 from app.engine.client import InvalidRequest, UnknownModel
 from app.engine.jobs import EngineError, QueueFull
+from app.middleware import ENDPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
-        _reject(request, "not_ready")
+        if request.url.path in ENDPOINTS:  # work refused; a probe of /readyz or a look at /models is not
+            _reject(request, "not_ready")
         return error_response(503, str(exc) or "models are still loading", {"Retry-After": "5"})
 
     @app.exception_handler(NotAcceptable)

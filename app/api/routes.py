@@ -205,7 +205,7 @@ async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     if body.return_reconstruction:
         # the inversion never clips, so neither does its round trip (clipping x0 breaks the ODE's symmetry)
         job, _ = engine.generate_job(model, n=len(raws), steps=body.steps, eta=0.0, large=False,
-                                     schedule=body.schedule, seed=None, x_T=x_T, clip=False, endpoint="invert")
+                                     schedule=body.schedule, seed=None, x_T=x_T, clip=False, endpoint=None)
         rec = await _run(engine, request, model, job)
         mse = (((rec.clamp(-1, 1) - images) / 2) ** 2).flatten(1).mean(1)
         out["reconstruction"] = await asyncio.to_thread(_png_list, rec)
@@ -249,7 +249,7 @@ async def interpolate(body: InterpolateRequest, request: Request, engine: Engine
     # both ends are decoded and checked before any work is queued
     ends = [await asyncio.to_thread(_end_input, engine, model, end, field, settings.max_image_pixels)
             for end, field in ((body.start, "start"), (body.end, "end"))]
-    jobs = {i: engine.invert_job(model, x, steps=body.steps, schedule=body.schedule, endpoint="interpolate")
+    jobs = {i: engine.invert_job(model, x, steps=body.steps, schedule=body.schedule, endpoint=None)
             for i, x in enumerate(ends) if x.dim() == 4}
     inverted = await asyncio.gather(*(_run(engine, request, model, j) for j in jobs.values()))
     x0, x1 = (dict(zip(jobs, (x[0] for x in inverted))).get(i, ends[i]) for i in (0, 1))

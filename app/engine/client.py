@@ -141,7 +141,7 @@ class Engine:
     # -- jobs ----------------------------------------------------------------------------------
     def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str,
                      seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
-                     endpoint: str = "generate") -> tuple[SampleJob, int | None]:
+                     endpoint: str | None = "generate") -> tuple[SampleJob, int | None]:
         """A validated generation job; the seed (chosen at random if None) is returned with it."""
         seq = self.check_steps(model, steps, schedule)
         self._check_n(n, "n")
@@ -166,7 +166,7 @@ class Engine:
                                         f"{self.settings.max_queue}; split the request")
 
     def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str,
-                   endpoint: str = "invert") -> SampleJob:
+                   endpoint: str | None = "invert") -> SampleJob:
         if model.prediction_type == "sample":
             raise InvalidRequest("model", f"model {model.name!r} predicts x0 ('sample'); DDIM inversion needs an "
                                           "eps or v prediction, since eps is undefined at the clean start")
@@ -184,7 +184,8 @@ class Engine:
         except asyncio.CancelledError:
             worker.cancel(job)
             raise
-        self.metrics.images.labels(model.name, job.endpoint).inc(job.n)
+        if job.endpoint is not None:  # not for a reconstruction or an interpolation's inverted ends
+            self.metrics.images.labels(model.name, job.endpoint).inc(job.n)
         return result
 
     @staticmethod

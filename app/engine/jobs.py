@@ -54,7 +54,7 @@ class SampleJob:
     large: bool = False
     clip_denoised: bool = False
     generators: list[torch.Generator] | None = None
-    endpoint: str = "generate"
+    endpoint: str | None = "generate"  # whose output these samples are (ddim_images_total); None: a step on the way
     id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.monotonic)
     future: Future[JobResult] = field(default_factory=Future)
