@@ -44,3 +44,10 @@ def test_invert_uses_env_store_and_errors_are_clear(tiny_store: Path, tmp_path: 
     r = ddim("sample", "--model-store", str(tiny_store), "--model", "tiny", "--steps", "5000")
     assert r.returncode == 2 and "steps must be between 1 and 1000" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_bfloat16_run_prints_no_library_noise(tiny_store: Path, tmp_path: Path) -> None:
+    r = ddim("sample", "--model-store", str(tiny_store), "--model", "tiny", "--steps", "2", "-n", "1",
+             "--out", str(tmp_path / "a.png"), env={"DDIM_DTYPE": "bfloat16"})
+    assert r.returncode == 0, r.stderr
+    assert "should be kept in float32" not in r.stderr, r.stderr

@@ -192,7 +192,10 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
                               + " ".join(s.strip() for s in first)) from e
     unet = unet.to(dev).eval().requires_grad_(False)
     if dtype != "float32":
-        unet = unet.to(DTYPES[dtype])
+        # diffusers' ModelMixin.to warns on every dtype cast that modules "should be kept in float32", even when the
+        # list of such modules is empty (UNet2DModel's is): cast as torch does unless the model names some
+        keep = getattr(unet, "_keep_in_fp32_modules", None) or []
+        unet = unet.to(DTYPES[dtype]) if keep else torch.nn.Module.to(unet, DTYPES[dtype])
     return LoadedModel(name or root.name, unet, sched, alphas_cumprod.to(dev), dev, DTYPES[dtype], root,
                        channels_last=channels_last)
 
