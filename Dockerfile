@@ -27,7 +27,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DDIM_MODEL_STORE=/models \
     HF_HUB_OFFLINE=1 \
-    HF_HOME=/tmp/huggingface
+    HF_HOME=/tmp/huggingface \
+    DDIM_LAYOUT_CACHE=/tmp/ddim-serve/layouts.json
 RUN groupadd --system --gid 10001 ddim \
     && useradd --system --uid 10001 --gid ddim --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin ddim \

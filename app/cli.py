@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+log = logging.getLogger("ddim")
 
 
 def _default_workdir(name: str) -> Path:
@@ -16,21 +19,33 @@ def _default_workdir(name: str) -> Path:
 
 
 def _load(args: argparse.Namespace):  # -> LoadedModel
+    """The model as the server loads it (DDIM_* settings: device, dtype, threads, the memory layout), so that the
+    same seeds give the same numbers here and from the server."""
+    import torch
+
     from app.config import Settings
     from app.models import discover, load_model, pick_device
+    from app.models.layout import layouts_for
     from app.models.memory import keep_freed_memory
 
     settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
     if settings.keep_freed_memory:
         keep_freed_memory()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     name = args.model or settings.default_model
     names = discover(settings.model_store)
     if args.model is None and name not in names and names:
         name = names[0]
     if name not in names:
         raise SystemExit(f"ddim: no model {name!r} in {settings.model_store} (found: {', '.join(names) or 'none'})")
-    return load_model(settings.model_store / name, device=pick_device(settings.device), dtype=settings.dtype,
-                      allow_pickle=settings.allow_pickle)
+    device = pick_device(settings.device)
+    [channels_last] = layouts_for([settings.model_store / name], device, settings)
+    model = load_model(settings.model_store / name, device=device, dtype=settings.dtype,
+                       allow_pickle=settings.allow_pickle, channels_last=channels_last)
+    log.info("model %s on %s (%s, channels_last=%s)", name, device, str(model.dtype).removeprefix("torch."),
+             channels_last)
+    return model
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -23,6 +23,14 @@ LINEAR_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "bet
                     "beta_end": 0.02, "clip_sample": False, "prediction_type": "epsilon"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def layout_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The layout choices of this test session (servers and CLI runs inherit it), never the user's own cache."""
+    path = tmp_path_factory.mktemp("cache") / "layouts.json"
+    os.environ["DDIM_LAYOUT_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store with 'tiny' (1 channel, nested layout) and 'tiny-rgb' (3 channels, flat layout)."""

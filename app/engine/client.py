@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import torch
 
@@ -16,7 +15,7 @@ from app.engine.jobs import JobResult, SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
-from app.models.layout import faster_layouts
+from app.models.layout import layouts_for
 from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
 from app.sampling import draw, lerp, sample_generators, slerp, timestep_sequence
 
@@ -59,7 +58,7 @@ class Engine:
         names = discover(s.model_store)
         if not names:
             raise ModelStoreError(f"{s.model_store}: no model folders found")
-        layouts = self._channels_last([s.model_store / name for name in names], device)
+        layouts = layouts_for([s.model_store / name for name in names], device, s)
         for name, channels_last in zip(names, layouts):
             loaded: Future[tuple[LoadedModel, BatchWorker]] = Future()
             threading.Thread(target=self._serve_model, args=(name, device, channels_last, started, loaded),
@@ -90,14 +89,6 @@ class Engine:
             return
         loaded.set_result((model, worker))
         worker.run_here()
-
-    def _channels_last(self, folders: list[Path], device: torch.device) -> list[bool]:
-        """The memory layout to load each model in: auto times both, in a process of their own."""
-        s = self.settings
-        if s.channels_last != "auto" or not s.warmup:
-            return [s.channels_last is True] * len(folders)
-        return faster_layouts(folders, device=device, dtype=s.dtype, batch=s.max_batch_size, threads=s.threads,
-                              keep_freed=s.keep_freed_memory, allow_pickle=s.allow_pickle)
 
     def _prepare(self, model: LoadedModel, budget_from: float) -> None:
         """Compiling and warm-up, in the model's own thread."""
