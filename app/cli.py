@@ -61,7 +61,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     x0 = sample(model.eps, x_T, model.alphas_cumprod, seq, eta=args.eta, large=args.variance == "large",
                 prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
                 progress=lambda steps: tqdm(steps, desc="sample", leave=False))
-    grid(pil_images(x0)).save(args.out)
+    images = pil_images(x0)
+    (images[0] if len(images) == 1 else grid(images)).save(args.out)  # as the server's PNG: a grid when n > 1
     if args.latents_out:
         Path(args.latents_out).write_bytes(npy_bytes(x0))
     print(f"wrote {args.n} samples of {model.name} (S={args.steps}, eta={args.eta}) to {args.out}")
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--schedule", default="uniform",
                        choices=["uniform", "leading", "quadratic", "trailing", "linspace"])
 
-    s = sub.add_parser("sample", help="generate a PNG grid")
+    s = sub.add_parser("sample", help="generate a PNG (a grid when n > 1)")
     model_args(s)
     s.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM")
     s.add_argument("--variance", choices=["eta", "large"], default="eta")
