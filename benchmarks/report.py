@@ -56,15 +56,27 @@ NOTES = """## How to read these numbers
   life in earlier runs. The limit runs with the same setting as the server it is compared with.
   The peer runs with glibc's defaults, as diffusers users run it, so served / peer includes this
   gain.
-- **Fast paths.** bfloat16 is the big win on this AVX512-BF16 CPU; channels_last helps the CIFAR-size
-  UNet and hurts the small one-channel model, so the server times both layouts at startup, in a
-  throwaway process (`DDIM_CHANNELS_LAST=auto`). `torch.compile` adds a little on top of bfloat16 but costs compile
-  time per batch bucket at startup (28 s for the bundled model's batch of 64 with a cold cache; the
+- **Fast paths.** bfloat16 is the big win on this AVX512-BF16 CPU. channels_last helped the CIFAR-size
+  UNet in the ladder; on the bundled one-channel model the ladder ranks it below the contiguous layout,
+  yet the fp32 rounds' servers chose it in 4 of 5 starts: the two layouts are within this machine's noise
+  there, and the choice is the server's to time (`DDIM_CHANNELS_LAST=auto`: once per model and machine, in
+  a throwaway process, then kept in `DDIM_LAYOUT_CACHE`). `torch.compile` adds a little on top of bfloat16
+  but costs compile time per batch bucket at startup (28 s for the bundled model's batch of 64 with a cold cache; the
   ladder's figure is with inductor's on-disk cache warm from earlier runs), so it stays off by
   default (`DDIM_COMPILE=true` turns it on, within `DDIM_COMPILE_BUDGET_SECONDS`). One torch thread
   per core is torch's default and the fastest. The ladder's first row is measured first and can
   absorb warm-up; rows within about 10 % of each other are equal within this machine's noise
   (no_grad and inference_mode run the same kernels).
+- **The layout choice at startup, measured outside `make bench`.** How long timing the two layouts takes
+  depends on the model, the dtype and how busy the machine is: about 3 s for the bundled model on an
+  idle machine and 39 s under load, as reported; on a second 2-core machine (AMD EPYC without
+  AVX512-BF16, torch 2.13.0, one core busy with a training job throughout) 44 s in float32 and 386 s in
+  bfloat16, which that CPU emulates (a contiguous bfloat16 forward at batch 64 took 47.8 s there,
+  channels_last 8.2 s). That machine chose channels_last for the bundled model in float32, in two
+  timings of 2398 against 2784 ms and 2210 against 2221 ms per forward at batch 64: near a tie, where
+  timing at every start could pick either layout, and so give other numbers from one start to the next
+  (the batch-and-layout table above). The server now times once per model and machine and keeps the
+  choice (`DDIM_LAYOUT_CACHE`).
 - **p50 "nan"** in a scaling row: no request both started and finished inside the window (at
   saturation a request's latency is longer than the window); the throughput is still exact.
 - **Mixed workload.** On a CPU a forward's cost grows almost linearly with the batch, so a short
@@ -98,8 +110,8 @@ fp32, with the same UNet, S and batch, run once in every round while the server 
 **fp32** is the server with `DDIM_DTYPE=float32` and its other defaults (the memory layout it
 picks at startup);
 **default** is what the server runs with no settings: `DDIM_DTYPE=auto` (bfloat16 on CPUs with
-AVX512-BF16 or AMX and on CUDA, else float32) and `DDIM_CHANNELS_LAST=auto` (both layouts timed at
-startup in a throwaway process, the faster kept)."""
+AVX512-BF16 or AMX and on CUDA, else float32) and `DDIM_CHANNELS_LAST=auto` (both layouts timed in a
+throwaway process, the faster kept; each server here times them afresh, with a layout cache of its own)."""
 
 
 def fmt(x: float | None, d: int = 1) -> str:

@@ -58,8 +58,11 @@ def server_facts(url: str) -> dict[str, Any]:
 
 
 def serve(store: Path, batch: int, **env: str) -> Any:
+    """A fresh server; each one times the memory layouts afresh (a layout cache of its own), as every round did
+    before the server kept its choice, so that the rounds sample the choice too."""
+    cache = Path(tempfile.mkdtemp(prefix="ddim-bench-")) / "layouts.json"
     return running_server(store, ready_timeout=1800, plain=False, DDIM_MAX_BATCH_SIZE=str(batch), DDIM_THREADS="0",
-                          OMP_NUM_THREADS=CORES, **env)
+                          OMP_NUM_THREADS=CORES, DDIM_LAYOUT_CACHE=str(cache), **env)
 
 
 def bench_model(name: str, folder: Path, batch: int, a: argparse.Namespace) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The studies behind two of the server's defaults, each a script of its own that writes a JSON file
+"""The studies behind some of the server's defaults, each a script of its own that writes a JSON file
 next to make bench's results: why the layout is timed in a throwaway process (benchmarks.layout_choice),
-and why DDIM_KEEP_FREED_MEMORY sets glibc's top pad (benchmarks.top_pad). Rendered into
+why DDIM_KEEP_FREED_MEMORY sets glibc's top pad (benchmarks.top_pad), and how far outputs move with the
+batch and the layout (benchmarks.batch_composition). Rendered into
 docs/benchmarks.md by benchmarks.report when their JSON files are there.
 """
 
@@ -68,4 +69,20 @@ def _top_pad(c: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-STUDIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {"layout_choice": _layout_choice, "top_pad": _top_pad}
+def _batch_composition(c: dict[str, Any]) -> list[str]:
+    a = c["args"]
+    lines = ["## How far outputs move with the batch and the layout", "",
+             f"`python -m benchmarks.batch_composition` (arguments {a}; {c['machine']}). {c['model']} samples seeds "
+             f"0..{a['n'] - 1} with DDIM (η = 0, S = {a['steps']}) as one batch of {a['n']} in the contiguous layout, "
+             "the reference; each row runs the same seeds another way and compares the images with the "
+             "reference as 8-bit pixels (as the PNGs carry them) and as latents ([-1, 1] range).", "",
+             "| dtype | the same seeds | max difference (levels of 255) | pixels that differ | max latent difference |",
+             "|---|---|---|---|---|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['dtype']} | {r['variant']} | {r['max_levels']} | {100 * r['pixels_differing']:.1f} % | "
+                     f"{r['max_latent']:.1e} |")
+    return [*lines, ""]
+
+
+STUDIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {"layout_choice": _layout_choice, "top_pad": _top_pad,
+                                                             "batch_composition": _batch_composition}
