@@ -77,6 +77,10 @@ NOTES = """## How to read these numbers
   timing at every start could pick either layout, and so give other numbers from one start to the next
   (the batch-and-layout table above). The server now times once per model and machine and keeps the
   choice (`DDIM_LAYOUT_CACHE`).
+- **`make test` on a fresh clone, measured outside `make bench`.** On the second machine above (one core
+  busy with a training job), with Debian's data sets hidden and pip's downloads served from a local wheel
+  cache: 630 s in all, of which the tests took 536 s (211 passed, the 3 that read Fashion-MNIST skipped)
+  and the clone and install the rest. Downloading torch over a network adds its own time to the first run.
 - **p50 "nan"** in a scaling row: no request both started and finished inside the window (at
   saturation a request's latency is longer than the window); the throughput is still exact.
 - **Mixed workload.** On a CPU a forward's cost grows almost linearly with the batch, so a short
