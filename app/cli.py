@@ -34,19 +34,51 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
                       allow_pickle=settings.allow_pickle)
 
 
+def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
+    """The model's prediction for the CLI's loops: with --class-label, conditional, and guided when w is not 1
+    (both rows in one forward, as the server runs them)."""
+    import torch
+
+    from app.sampling import guide
+
+    if args.class_label is None:
+        return model.eps
+    if not model.conditional:
+        raise SystemExit(f"ddim: error: model {model.name!r} is not class-conditional; leave out --class-label")
+    names = {c.lower(): i for i, c in enumerate(model.class_names)}
+    label = args.class_label.lower()
+    if label not in names and not (label.isdigit() and int(label) < len(names)):
+        raise SystemExit(f"ddim: error: unknown class {args.class_label!r}; valid: {', '.join(model.class_names)}")
+    y = torch.full((n,), names[label] if label in names else int(label), dtype=torch.long)
+    w = args.guidance_scale
+    if w == 0:
+        return model.eps
+    if w == 1:
+        return lambda x, t: model.eps(x, t, y)
+    null = torch.full((n,), model.null_class, dtype=torch.long)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        return guide(out[:n], out[n:], w)
+
+    return guided
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from app.images import grid, npy_bytes, pil_images
-    from app.sampling import draw, sample_generators, timestep_sequence
-    from app.sampling.loop import sample
+    from app.sampling import draw, sample_generators
+    from app.sampling.loop import run_plan
 
     model = _load(args)
+    if args.variance == "large" and model.kind != "vp":
+        raise SystemExit(f"ddim: error: --variance large is for VP models only; {model.name!r} is a {model.kind} model")
     gens = sample_generators(args.seed, args.n)
     x_T = draw(gens, model.sample_shape).to(model.device)
-    seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
+    plan = model.plan(args.steps, args.schedule or model.spacings[0], "generate")
     clip = model.clip_sample if args.clip is None else args.clip
-    x0 = sample(model.eps, x_T, model.alphas_cumprod, seq, eta=args.eta, large=args.variance == "large",
-                prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
-                progress=lambda steps: tqdm(steps, desc="sample", leave=False))
+    x0 = run_plan(_network(model, args, args.n), x_T, plan, eta=args.eta, large=args.variance == "large",
+                  prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
+                  progress=lambda steps: tqdm(steps, desc="sample", leave=False))
     grid(pil_images(x0)).save(args.out)
     if args.latents_out:
         Path(args.latents_out).write_bytes(npy_bytes(x0))
@@ -59,15 +91,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from app.images import npy_bytes, to_model_space
-    from app.sampling import timestep_sequence
-    from app.sampling.loop import invert
+    from app.sampling.loop import run_plan
 
     model = _load(args)
     x0 = torch.stack([to_model_space(Image.open(p), model.sample_shape) for p in args.images])
-    seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
-    x_T = invert(model.eps, x0.to(model.device), model.alphas_cumprod, seq,
-                 prediction_type=model.prediction_type,
-                 progress=lambda steps: tqdm(steps, desc="invert", leave=False))
+    plan = model.plan(args.steps, args.schedule or model.spacings[0], "invert")
+    x_T = run_plan(_network(model, args, len(x0)), x0.to(model.device), plan, prediction_type=model.prediction_type,
+                   progress=lambda steps: tqdm(steps, desc="invert", leave=False))
     Path(args.out).write_bytes(npy_bytes(x_T))
     print(f"wrote x_T of shape {tuple(x_T.shape)} to {args.out}")
     return 0
@@ -142,6 +172,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.sampling.schedules import SPACINGS
+
     p = argparse.ArgumentParser(prog="ddim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -149,8 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", help="model folder name (default: the store's default model)")
         q.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
         q.add_argument("--steps", type=int, default=50, help="S, the number of sampling steps")
-        q.add_argument("--schedule", default="uniform",
-                       choices=["uniform", "leading", "quadratic", "trailing", "linspace"])
+        q.add_argument("--schedule", choices=SPACINGS,
+                       help="timestep spacing (default: the model's: uniform on VP models, linspace on flow models)")
+        q.add_argument("--class-label", help="class-conditional models: a class name or index (default: none, "
+                       "unconditional)")
+        q.add_argument("--guidance-scale", type=float, default=1.0,
+                       help="classifier-free guidance w (1: plain conditional, 0: unconditional)")
 
     s = sub.add_parser("sample", help="generate a PNG grid")
     model_args(s)

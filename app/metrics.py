@@ -22,8 +22,8 @@ class Metrics:
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("ddim_queue_depth", "Samples waiting for a batch slot", ["model"], registry=r)
         self.active_samples = Gauge("ddim_active_samples", "Samples in the running batch", ["model"], registry=r)
-        self.batch_size = Histogram("ddim_batch_size", "Samples per eps-network forward", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("ddim_batch_size", "Rows per network forward (a guided sample counts two)",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.forward_seconds = Histogram("ddim_model_forward_seconds", "Time of one eps-network forward",
                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.sample_steps = Counter("ddim_sample_steps", "Sample-steps computed", ["model"], registry=r)

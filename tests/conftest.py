@@ -29,3 +29,19 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     random_model_folder(store / "tiny-rgb", TINY_RGB_UNET, {**LINEAR_SCHEDULER, "clip_sample": True},
                         seed=1, layout="flat")
     return store
+
+
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+TINY_CLASSES = ["cat", "dog", "ankle boot"]
+
+
+@pytest.fixture(scope="session")
+def cond_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store of class-conditional models, 'tiny-flow' (rectified flow, shift 3) and 'tiny-cond' (VP, eps), each
+    with three named classes plus the null label, and an unconditional flow model, 'tiny-plain-flow'."""
+    store = tmp_path_factory.mktemp("cond_store")
+    unet = {**TINY_UNET, "num_class_embeds": len(TINY_CLASSES) + 1}
+    random_model_folder(store / "tiny-flow", unet, FLOW_SCHEDULER, seed=2, class_names=TINY_CLASSES)
+    random_model_folder(store / "tiny-cond", unet, LINEAR_SCHEDULER, seed=3, class_names=TINY_CLASSES)
+    random_model_folder(store / "tiny-plain-flow", TINY_UNET, FLOW_SCHEDULER, seed=4)
+    return store

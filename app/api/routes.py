@@ -81,6 +81,14 @@ async def _disconnect(request: Request) -> None:
         await asyncio.sleep(0.5)  # a server that answers with more (empty) body messages: poll slowly
 
 
+def _conditioning(model: LoadedModel, labels: torch.Tensor | None, w: float) -> dict[str, Any]:
+    """What a conditional model's response echoes: the classes by name, and w."""
+    if not model.conditional:
+        return {}
+    names = None if labels is None else [model.class_names[int(i)] for i in labels]
+    return {"class_label": names, "guidance_scale": w}
+
+
 def _png_list(x: torch.Tensor) -> list[str]:
     return [b64encode(png_bytes(im)) for im in pil_images(x)]
 
@@ -130,13 +138,16 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
         raise InvalidRequest("n", f"n must be at most {settings.max_n} on this server")
     x_T = decode_npy(body.x_T, "x_T") if body.x_T is not None else None
     small = body.n * prod(model.sample_shape) <= INLINE_ELEMENTS
+    labels = engine.class_labels(model, body.class_label, body.n)
     job, seed = await _offload(
         small, engine.generate_job, model, n=body.n, steps=body.steps, eta=body.eta, large=body.variance == "large",
-        schedule=body.schedule, seed=body.seed, x_T=x_T, clip=body.clip_denoised)
+        schedule=body.schedule, seed=body.seed, x_T=x_T, clip=body.clip_denoised, class_labels=labels,
+        guidance_scale=body.guidance_scale)
     start = job.x.clone()
     x_0 = await _run(engine, request, model, job)
     out = {"model": model.name, "seed": seed, "n": body.n, "steps": body.steps, "eta": body.eta,
-           "variance": body.variance, "schedule": body.schedule}
+           "variance": body.variance, "schedule": body.schedule or model.spacings[0],
+           **_conditioning(model, labels, body.guidance_scale)}
     return await _offload(small, _generate_response, accept, out, start, x_0, body.return_latents)
 
 
@@ -176,17 +187,20 @@ async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     model = _model(engine, request, body.model)
     if len(raws) > settings.max_n:
         raise InvalidRequest("images", f"at most {settings.max_n} images per request on this server")
+    labels = engine.class_labels(model, body.class_label, len(raws))
     images = await asyncio.to_thread(_decode_images, raws, "images", model, settings.max_image_pixels)
     x_T = await _run(engine, request, model, engine.invert_job(model, images, steps=body.steps,
-                                                               schedule=body.schedule))
+                                                               schedule=body.schedule, class_labels=labels,
+                                                               guidance_scale=body.guidance_scale))
     if accept == NPY:
         return Response(npy_bytes(x_T), media_type=NPY)
-    out: dict[str, Any] = {"model": model.name, "steps": body.steps, "schedule": body.schedule,
-                           "x_T": b64encode(npy_bytes(x_T))}
+    out: dict[str, Any] = {"model": model.name, "steps": body.steps, "schedule": body.schedule or model.spacings[0],
+                           **_conditioning(model, labels, body.guidance_scale), "x_T": b64encode(npy_bytes(x_T))}
     if body.return_reconstruction:
         # the inversion never clips, so neither does its round trip (clipping x0 breaks the ODE's symmetry)
         job, _ = engine.generate_job(model, n=len(raws), steps=body.steps, eta=0.0, large=False,
-                                     schedule=body.schedule, seed=None, x_T=x_T, clip=False, endpoint="invert")
+                                     schedule=body.schedule, seed=None, x_T=x_T, clip=False, endpoint="invert",
+                                     class_labels=labels, guidance_scale=body.guidance_scale)
         rec = await _run(engine, request, model, job)
         mse = (((rec.clamp(-1, 1) - images) / 2) ** 2).flatten(1).mean(1)
         out["reconstruction"] = await asyncio.to_thread(_png_list, rec)
@@ -226,17 +240,21 @@ async def interpolate(body: InterpolateRequest, request: Request, engine: Engine
     if body.frames > settings.max_n:
         raise InvalidRequest("frames", f"frames must be at most {settings.max_n} on this server")
     engine.check_steps(model, body.steps, body.schedule)
+    labels = engine.class_labels(model, body.class_label, body.frames)
+    w = body.guidance_scale
     # both ends are decoded and checked before any work is queued
     ends = [await asyncio.to_thread(_end_input, engine, model, end, field, settings.max_image_pixels)
             for end, field in ((body.start, "start"), (body.end, "end"))]
-    jobs = {i: engine.invert_job(model, x, steps=body.steps, schedule=body.schedule, endpoint="interpolate")
+    jobs = {i: engine.invert_job(model, x, steps=body.steps, schedule=body.schedule, endpoint="interpolate",
+                                 class_labels=None if labels is None else labels[[-i]], guidance_scale=w)
             for i, x in enumerate(ends) if x.dim() == 4}
     inverted = await asyncio.gather(*(_run(engine, request, model, j) for j in jobs.values()))
     x0, x1 = (dict(zip(jobs, (x[0] for x in inverted))).get(i, ends[i]) for i in (0, 1))
     latents = engine.interpolate(x0, x1, body.frames, body.method)
     job, _ = engine.generate_job(model, n=body.frames, steps=body.steps, eta=0.0, large=False, schedule=body.schedule,
-                                 seed=None, x_T=latents, endpoint="interpolate")
+                                 seed=None, x_T=latents, endpoint="interpolate", class_labels=labels, guidance_scale=w)
     frames = await _run(engine, request, model, job)
-    out = {"model": model.name, "frames": body.frames, "steps": body.steps, "schedule": body.schedule,
-           "method": body.method}
+    out = {"model": model.name, "frames": body.frames, "steps": body.steps,
+           "schedule": body.schedule or model.spacings[0], "method": body.method,
+           **_conditioning(model, labels, w)}
     return await asyncio.to_thread(_interpolate_response, accept, out, frames, latents, body.return_latents)

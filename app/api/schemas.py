@@ -2,36 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Schedule = Literal["uniform", "leading", "quadratic", "trailing", "linspace"]
 SEED_MAX = 2**62
+ClassLabel = Annotated[int, Field(ge=0)] | str
+SCHEDULE_DOC = ("timestep spacing; default: the model's (uniform on VP models; linspace, diffusers' "
+                "FlowMatchEulerDiscreteScheduler timesteps, on flow models, which offer only that)")
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class GenerateRequest(_Body):
+class _Guided(_Body):
+    class_label: ClassLabel | list[ClassLabel] | None = Field(
+        None, description="class-conditional models: a class index or name (any case), or a list with one per "
+        "image; omitted: unconditional samples. /models lists each model's classes")
+    guidance_scale: float = Field(1.0, ge=0.0, le=20.0, description="classifier-free guidance w: the prediction "
+                                  "is uncond + w (cond - uncond); 1 = plain conditional, 0 = unconditional")
+
+
+class GenerateRequest(_Guided):
     model: str | None = Field(None, description="model name; the server's default if omitted")
     n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
     steps: int = Field(50, ge=1, description="S, the number of sampling steps")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="0 = DDIM (deterministic), 1 = DDPM")
-    variance: Literal["eta", "large"] = Field("eta", description="large: the paper's sigma-hat (DDPM fixed_large)")
-    schedule: Schedule = "uniform"
+    variance: Literal["eta", "large"] = Field("eta", description="large: the paper's sigma-hat (DDPM fixed_large; "
+                                              "VP models only)")
+    schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="chosen at random and echoed back if omitted")
     x_T: str | None = Field(None, description="start latents: base64 .npy, float32, shape (n, C, H, W)")
     clip_denoised: bool | None = Field(None, description="clip predicted x0 to [-1, 1]; default: the model's")
     return_latents: bool = False
 
 
-class InvertRequest(_Body):
+class InvertRequest(_Guided):
     model: str | None = None
     images: list[str] = Field(..., min_length=1, description="base64 PNG or JPEG images")
     steps: int = Field(50, ge=1)
-    schedule: Schedule = "uniform"
+    schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     return_reconstruction: bool = False
 
 
@@ -50,12 +62,12 @@ class Endpoint(_Body):
         return self
 
 
-class InterpolateRequest(_Body):
+class InterpolateRequest(_Guided):
     model: str | None = None
     start: Endpoint
     end: Endpoint
     frames: int = Field(8, ge=2)
     steps: int = Field(50, ge=1)
-    schedule: Schedule = "uniform"
+    schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     method: Literal["slerp", "lerp"] = "slerp"
     return_latents: bool = False

@@ -18,7 +18,7 @@ from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
 from app.models.layout import faster_layouts
 from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
-from app.sampling import draw, lerp, sample_generators, slerp, timestep_sequence
+from app.sampling import Direction, Plan, ScheduleError, draw, lerp, sample_generators, slerp
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Engine:
             model.forward.compile(s.max_batch_size, budget, model.sample_shape)
         if s.warmup:
             for b in sorted({1, s.max_batch_size}):
-                model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500))
+                model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500.0))
 
     def stop(self) -> None:
         for w in self.workers.values():
@@ -122,13 +122,46 @@ class Engine:
             raise UnknownModel(str(name), sorted(self.models))
         return self.models[name]
 
-    def check_steps(self, model: LoadedModel, steps: int, schedule: str) -> torch.Tensor:
+    def check_steps(self, model: LoadedModel, steps: int, schedule: str | None,
+                    direction: Direction = "generate") -> Plan:
+        """The run's plan on this model (schedule None: the model's default)."""
         if steps > self.settings.max_steps:
             raise InvalidRequest("steps", f"steps must be at most {self.settings.max_steps} on this server")
         try:
-            return timestep_sequence(steps, model.num_train_timesteps, schedule)
-        except ValueError as e:
+            return model.plan(steps, schedule or model.spacings[0], direction)
+        except ScheduleError as e:
             raise InvalidRequest("steps" if "steps" in str(e) else "schedule", str(e)) from e
+
+    @staticmethod
+    def class_labels(model: LoadedModel, class_label: int | str | list[int | str] | None, n: int,
+                     field: str = "class_label") -> torch.Tensor | None:
+        """Class indices [n] from an index, a class name (any case) or a list with one per image; None: none."""
+        if class_label is None:
+            return None
+        if not model.conditional:
+            raise InvalidRequest(field, f"model {model.name!r} is not class-conditional; leave out {field}")
+        values = class_label if isinstance(class_label, list) else [class_label] * n
+        if len(values) != n:
+            raise InvalidRequest(field, f"{field} has {len(values)} labels for {n} images; give one, or one per image")
+        names = {c.lower(): i for i, c in enumerate(model.class_names)}
+        out = []
+        for v in values:
+            if isinstance(v, str) and v.strip().lower() in names:
+                out.append(names[v.strip().lower()])
+            elif isinstance(v, int) and 0 <= v < len(model.class_names):
+                out.append(v)
+            else:
+                valid = ", ".join(f"{i}={c!r}" for i, c in enumerate(model.class_names))
+                raise InvalidRequest(field, f"unknown class {v!r} for model {model.name!r}; valid classes: {valid} "
+                                            "(leave out class_label for unconditional samples)")
+        return torch.tensor(out, dtype=torch.long)
+
+    @staticmethod
+    def _guidance(labels: torch.Tensor | None, w: float) -> dict[str, object]:
+        """w = 0 is the unconditional prediction itself, so it runs as such (no second row)."""
+        if labels is None or w == 0:
+            return {"class_labels": None, "guidance_scale": 1.0}
+        return {"class_labels": labels, "guidance_scale": w}
 
     def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str) -> torch.Tensor:
         want = (n, *model.sample_shape)
@@ -139,10 +172,14 @@ class Engine:
         return x.float()
 
     # -- jobs ----------------------------------------------------------------------------------
-    def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str,
+    def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str | None,
                      seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
-                     endpoint: str = "generate") -> tuple[SampleJob, int | None]:
+                     endpoint: str = "generate", class_labels: torch.Tensor | None = None,
+                     guidance_scale: float = 1.0) -> tuple[SampleJob, int | None]:
         """A validated generation job; the seed (chosen at random if None) is returned with it."""
+        if large and model.kind != "vp":
+            raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat) is defined for VP models only; "
+                                             f"model {model.name!r} is a {model.kind} model")
         seq = self.check_steps(model, steps, schedule)
         self._check_n(n, "n")
         stochastic = eta > 0 or large
@@ -157,7 +194,8 @@ class Engine:
             x_T = self.check_latents(model, x_T, n, "x_T")
         clip_denoised = model.clip_sample if clip is None else clip
         job = SampleJob("generate", x_T, seq, eta=eta, large=large, clip_denoised=clip_denoised,
-                        generators=gens if stochastic else None, endpoint=endpoint)
+                        generators=gens if stochastic else None, endpoint=endpoint,
+                        **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
         return job, seed
 
     def _check_n(self, n: int, field: str) -> None:
@@ -165,15 +203,16 @@ class Engine:
             raise InvalidRequest(field, f"{n} samples can never fit this server's queue of "
                                         f"{self.settings.max_queue}; split the request")
 
-    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str,
-                   endpoint: str = "invert") -> SampleJob:
+    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str | None,
+                   endpoint: str = "invert", class_labels: torch.Tensor | None = None,
+                   guidance_scale: float = 1.0) -> SampleJob:
         if model.prediction_type == "sample":
             raise InvalidRequest("model", f"model {model.name!r} predicts x0 ('sample'); DDIM inversion needs an "
                                           "eps or v prediction, since eps is undefined at the clean start")
-        seq = self.check_steps(model, steps, schedule)
+        seq = self.check_steps(model, steps, schedule, "invert")
         self._check_n(images.shape[0], "images")
         return SampleJob("invert", self.check_latents(model, images, images.shape[0], "images"), seq,
-                         endpoint=endpoint)
+                         endpoint=endpoint, **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
 
     async def run(self, model: LoadedModel, job: SampleJob) -> JobResult:
         """Submit and await; a cancelled await (client gone) cancels the job in the worker."""

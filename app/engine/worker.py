@@ -22,7 +22,7 @@ from app.engine.priority import ShortFirst
 from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob
 from app.metrics import Metrics
 from app.models import LoadedModel
-from app.sampling import generalized_step
+from app.sampling import guide, take_step
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class BatchWorker:
         self.short_first = ShortFirst(max_batch_size, max_defer_steps) \
             if priority == "short-first" and batching == "step" else None
         self.waiting: deque[Row] = deque()
-        self.batch = ActiveBatch(model.alphas_cumprod, model.device)
+        self.batch = ActiveBatch(model.device, model.null_class)
         self._cond = threading.Condition()
         self._stop = False
         self._cancel_pending = False
@@ -100,14 +100,17 @@ class BatchWorker:
         if self.batching == "request" and len(self.batch):
             return
         rows: list[Row] = []
-        free = self.max_batch_size - len(self.batch)
-        while self.waiting and len(rows) < free:
+        free = self.max_batch_size - self.batch.forward_rows  # a guided sample takes two rows of a forward
+        while self.waiting and free > 0:
             row = self.waiting[0]
-            if self.batching == "request" and row.index == 0 and row.job.n > free - len(rows) and rows:
+            if self.batching == "request" and row.index == 0 and row.job.n * row.job.rows_per_sample > free and rows:
                 break  # request mode admits whole requests only
+            if row.job.rows_per_sample > free and (rows or len(self.batch)):
+                break
             rows.append(self.waiting.popleft())
+            free -= row.job.rows_per_sample
         if not rows and self.waiting and self.short_first is not None and len(self.batch):
-            rows = self.short_first.overtakers(self.waiting, len(self.batch), int(self.batch.n_steps.max()))
+            rows = self.short_first.overtakers(self.waiting, self.batch.forward_rows, int(self.batch.n_steps.max()))
             if rows:
                 chosen = {id(r) for r in rows}
                 self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
@@ -132,25 +135,47 @@ class BatchWorker:
             _resolve(job, error=JobCancelled(f"job {job.id} was cancelled"))
 
     def _rows_to_step(self) -> torch.Tensor | None:
-        """The rows this forward steps: None for all of them."""
-        return None if self.short_first is None else self.short_first.rows_to_step(self.batch.n_steps)
+        """The rows this forward steps: None for all of them. A forward holds at most max_batch_size rows, a
+        guided sample counting two (but one sample is always stepped)."""
+        b = self.batch
+        idx = None if self.short_first is None else self.short_first.rows_to_step(b.n_steps)
+        weights = 1 + b.guided.long() if idx is None else 1 + b.guided.index_select(0, idx).long()
+        if int(weights.sum()) <= self.max_batch_size:
+            return idx
+        keep = max(1, int((weights.cumsum(0) <= self.max_batch_size).sum()))
+        chosen = torch.arange(len(b), device=b.device) if idx is None else idx
+        return chosen[:keep]
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """One forward over rows idx; a guided sample adds an unconditional row to the same forward, and its
+        prediction is uncond + w (cond - uncond)."""
+        labels, guided, w = self.batch.conditioning(idx)
+        if labels is None or not bool(guided.any()):
+            return self.model.eps(x, t, labels)
+        g = guided.nonzero().squeeze(1)
+        null = torch.full((len(g),), self.batch.null_class or 0, dtype=labels.dtype, device=labels.device)
+        out = self.model.eps(torch.cat([x, x.index_select(0, g)]), torch.cat([t, t.index_select(0, g)]),
+                             torch.cat([labels, null]))
+        cond, uncond = out[:len(x)], out[len(x):]
+        return cond.index_copy(0, g.to(cond.device), guide(cond.index_select(0, g.to(cond.device)), uncond,
+                                                           w.index_select(0, g)))
 
     def step(self) -> None:
         """One forward over the chosen active samples, then each sample's own update."""
         b = self.batch
         idx = self._rows_to_step()
         x, t, clip = b.inputs(idx)
-        alpha, alpha_next, sigma, noise_std = b.coefficients(idx)
+        coef = b.coefficients(idx)
         noise = b.noise(idx)
+        rows = len(x) + (int(b.guided.sum()) if idx is None else int(b.guided.index_select(0, idx).sum()))
         started = time.perf_counter()
-        out = self.model.eps(x, t)
+        out = self._predict(x, t, idx)
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)  # time the forward, not its launch
         forward = time.perf_counter() - started
-        x_next = generalized_step(x, out, alpha, alpha_next, sigma, noise_std,
-                                  prediction_type=self.model.prediction_type, clip_denoised=clip,
-                                  noise=noise).prev_sample
-        self._batch_size.observe(len(x))
+        x_next = take_step(x, out, coef, prediction_type=self.model.prediction_type, clip_denoised=clip,
+                           noise=noise).prev_sample
+        self._batch_size.observe(rows)
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(x))
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)

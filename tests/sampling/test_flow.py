@@ -3,6 +3,8 @@ independent reversed Euler loop, and an analytic oracle (the exact velocity fiel
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
@@ -89,7 +91,7 @@ def test_flow_inversion_matches_a_reversed_euler_loop(velocity, shift: float) ->
     sigmas = flow_sigmas(S, 1000, shift)
     got = run_plan(velocity, x0, flow_plan(sigmas, 1000, "invert"), prediction_type="flow")
     rev, x = sigmas.flip(0).tolist(), x0.clone()
-    for sigma, sigma_next in zip(rev[:-1], rev[1:]):
+    for sigma, sigma_next in itertools.pairwise(rev):
         x = x + (sigma_next - sigma) * velocity(x, torch.full((2,), sigma * 1000))
     assert ((got - x).norm() / x.norm()).item() <= RTOL
 
