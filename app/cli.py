@@ -35,33 +35,19 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
 
 
 def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
-    """The model's prediction for the CLI's loops: with --class-label, conditional, and guided when w is not 1
-    (both rows in one forward, as the server runs them)."""
+    """The model's prediction for the CLI's loops: with --class-label conditional, guided when w is not 1."""
     import torch
-
-    from app.sampling import guide
 
     if args.class_label is None:
         return model.eps
     if not model.conditional:
         raise SystemExit(f"ddim: error: model {model.name!r} is not class-conditional; leave out --class-label")
     names = {c.lower(): i for i, c in enumerate(model.class_names)}
-    label = args.class_label.lower()
+    label = args.class_label.strip().lower()
     if label not in names and not (label.isdigit() and int(label) < len(names)):
         raise SystemExit(f"ddim: error: unknown class {args.class_label!r}; valid: {', '.join(model.class_names)}")
     y = torch.full((n,), names[label] if label in names else int(label), dtype=torch.long)
-    w = args.guidance_scale
-    if w == 0:
-        return model.eps
-    if w == 1:
-        return lambda x, t: model.eps(x, t, y)
-    null = torch.full((n,), model.null_class, dtype=torch.long)
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        return guide(out[:n], out[n:], w)
-
-    return guided
+    return model.network(y, args.guidance_scale)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -171,6 +157,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_flow(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.eval.classifier import load_classifier
+    from app.eval.flow import FlowEvalConfig, evaluate_flow, flow_md
+    from app.models import load_model, pick_device
+
+    torch.set_num_threads(args.threads)
+    store = Path(args.model_store or os.environ.get("DDIM_MODEL_STORE", "model_store"))
+    device = pick_device(args.device)
+    flow, ddpm = (load_model(store / name, device=device) for name in (args.model, args.baseline))
+    cfg = FlowEvalConfig(n=args.n, steps=_ints(args.steps), n_recon=args.n_recon, recon_steps=_ints(args.steps))
+    results = evaluate_flow(flow, ddpm, load_classifier(), cfg)
+    command = (f"ddim eval-flow --model {args.model} --baseline {args.baseline} --n {args.n} --steps {args.steps} "
+               f"--n-recon {args.n_recon} --threads {args.threads} --out {args.out}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(flow_md(results, cfg, flow, ddpm, command))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from app.sampling.schedules import SPACINGS
 
@@ -255,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--card", action=argparse.BooleanOptionalAction, default=True,
                    help="write the model card MODEL_STORE/MODEL/README.md")
     q.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("eval-flow", help="the flow model beside the DDPM model: FID by S, guided, class agreement, "
+                       "inversion error")
+    f.add_argument("--model", default="fashion-mnist-flow")
+    f.add_argument("--baseline", default="fashion-mnist")
+    f.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
+    f.add_argument("--n", type=int, default=200, help="samples per cell")
+    f.add_argument("--n-recon", type=int, default=32, help="test images per reconstruction cell")
+    f.add_argument("--steps", default="5,10,20,50,100")
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--out", default="docs/quality-flow.md")
+    f.set_defaults(func=cmd_eval_flow)
     return p
 
 

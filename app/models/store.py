@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from app.sampling import (
     alphas_cumprod_from_config,
     check_flow_config,
     flow_plan,
+    guide,
     flow_sigmas,
     timestep_sequence,
     vp_plan,
@@ -204,6 +206,23 @@ class LoadedModel:
         """The network output (eps, x0, v or flow velocity, as prediction_type says) in float32, on the model's
         device. A conditional model without class_labels gets the null label (unconditional)."""
         return self.forward(x, t, class_labels)
+
+    def network(self, class_labels: torch.Tensor | None = None,
+                guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The prediction as a function of (x, t) for offline loops: conditional on class_labels [n] if given, and
+        guided when w is not 1, both rows in one forward as the engine runs them (w = 0: unconditional)."""
+        if class_labels is None or guidance_scale == 0:
+            return self.eps
+        y = class_labels
+        if guidance_scale == 1:
+            return lambda x, t: self.eps(x, t, y)
+        null = torch.full_like(y, self.null_class or 0)
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = self.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+            return guide(out[:len(x)], out[len(x):], guidance_scale)
+
+        return guided
 
     def info(self) -> dict[str, Any]:
         c, h, w = self.sample_shape
