@@ -49,4 +49,9 @@ class Settings(BaseSettings):
     max_defer_steps: int = Field(32, ge=1, description="short-first: the long rows get a forward of their own "
                                  "at least this often")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    max_request_seconds: float = Field(600.0, gt=0, description="the longest a request or job may take, queueing "
+                                       "included; a request's timeout_s is capped by it")
+    max_jobs: int = Field(1000, ge=1, description="unfinished and retained jobs held at once; past it, 429")
+    job_ttl_seconds: float = Field(600.0, gt=0, description="how long a finished job's result is kept")
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long work in flight may take to finish")
     log_json: bool = True

@@ -34,3 +34,12 @@ class Metrics:
                                 registry=r)
         self.ready = Gauge("ddim_ready", "1 once every model is loaded and warmed up", registry=r)
         self.startup_seconds = Gauge("ddim_startup_seconds", "Time from start to ready", registry=r)
+        self.jobs = Gauge("ddim_jobs", "Jobs held in the job store, by status", ["status"], registry=r)
+        self.job_result_bytes = Gauge("ddim_job_result_bytes", "Memory held by retained job results", registry=r)
+        self.cancelled = Counter("ddim_requests_cancelled", "Requests and jobs cancelled before they finished "
+                                 "(DELETE /jobs/{id}, or the client went away)", ["model"], registry=r)
+        self.deadline_expired = Counter("ddim_deadline_expired", "Requests and jobs that passed their deadline",
+                                        ["model"], registry=r)
+        self.first_progress = Histogram("ddim_time_to_first_progress_seconds", "From submission to the first "
+                                        "progress event (the first finished step)", ["model"],
+                                        buckets=LATENCY_BUCKETS, registry=r)

@@ -17,7 +17,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class _Guided(_Body):
+class _Work(_Body):
+    timeout_s: float | None = Field(None, gt=0, description="give up after this many seconds, queueing included "
+                                    "(504, or a failed job); capped by the server's DDIM_MAX_REQUEST_SECONDS")
+    preview_every: int = Field(0, ge=0, description="with an event stream: a preview of the predicted x0 every k "
+                               "steps (base64 PNG, a grid when n > 1); 0: none")
+
+
+class _Guided(_Work):
     class_label: ClassLabel | list[ClassLabel] | None = Field(
         None, description="class-conditional models: a class index or name (any case), or a list with one per "
         "image; omitted: unconditional samples. /models lists each model's classes")

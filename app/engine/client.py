@@ -1,4 +1,8 @@
-"""The narrow interface the HTTP layer talks to: load models, build validated jobs, run them."""
+"""The engine client: the one interface the HTTP layer talks to (in the spirit of vLLM's EngineClient).
+
+submit(work) -> a RequestHandle (events, result, cancel); jobs (the store of retained handles); health(),
+stats(), drain(). Below it: the models' workers, and the tasks that run as their jobs (app/engine/tasks.py).
+"""
 
 from __future__ import annotations
 
@@ -12,28 +16,19 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.engine.errors import DeadlineExceeded, InvalidRequest, ShuttingDown, UnknownModel
+from app.engine.handle import Outcome, RequestHandle
+from app.engine.jobstore import JobStore
+from app.engine.tasks import Prepared, Work, prepare
 from app.engine.jobs import JobResult, SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
 from app.models.layout import faster_layouts
 from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
-from app.sampling import Direction, Plan, ScheduleError, draw, lerp, sample_generators, slerp
+from app.sampling import Direction, Plan, ScheduleError, draw, sample_generators
 
 log = logging.getLogger(__name__)
-
-
-class UnknownModel(LookupError):
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"unknown model {name!r}; loaded models: {', '.join(known) or 'none'}")
-
-
-class InvalidRequest(ValueError):
-    """A request that passed the schema but cannot run on this model; field names what is wrong."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class Engine:
@@ -45,8 +40,11 @@ class Engine:
         self.models: dict[str, LoadedModel] = {}
         self.workers: dict[str, BatchWorker] = {}
         self.ready = False
+        self.draining = False
         self.error: str | None = None
         self.default_name: str | None = None
+        self.jobs = JobStore(settings.max_jobs, settings.job_ttl_seconds, metrics)
+        self._inflight: set[RequestHandle] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
@@ -214,20 +212,98 @@ class Engine:
         return SampleJob("invert", self.check_latents(model, images, images.shape[0], "images"), seq,
                          endpoint=endpoint, **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
 
-    async def run(self, model: LoadedModel, job: SampleJob) -> JobResult:
-        """Submit and await; a cancelled await (client gone) cancels the job in the worker."""
+    async def run(self, model: LoadedModel, job: SampleJob, handle: RequestHandle | None = None) -> torch.Tensor:
+        """Submit one job and await its samples; a cancelled await (cancel, deadline, client gone) cancels the job
+        in the worker, whose samples leave the batch at the next step."""
         worker = self.workers[model.name]
-        worker.submit(job)
+        if not job.submitted:
+            worker.submit(job)
         try:
-            result = await asyncio.wrap_future(job.future)
+            result: JobResult = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
             worker.cancel(job)
             raise
-        self.metrics.images.labels(model.name, job.endpoint).inc(job.n)
-        return result
+        if handle is not None:
+            handle.queue_seconds += result.queue_seconds
+        return result.x
 
-    @staticmethod
-    def interpolate(x0: torch.Tensor, x1: torch.Tensor, frames: int, method: str) -> torch.Tensor:
-        """frames latents from x0 to x1 (both [C, H, W]), endpoints included."""
-        f = slerp if method == "slerp" else lerp
-        return torch.stack([f(x0, x1, i / (frames - 1)) for i in range(frames)])
+    def count_images(self, model: LoadedModel, endpoint: str, n: int) -> None:
+        self.metrics.images.labels(model.name, endpoint).inc(n)
+
+    # -- the interface the API sees ------------------------------------------------------------
+    def submit(self, work: Work, *, timeout_s: float | None = None, owner: str | None = None,
+               retain: bool = False) -> RequestHandle:
+        """Validate and start a task; returns its handle at once. Raises InvalidRequest, UnknownModel, NotReady
+        (ShuttingDown while draining) or Overloaded (a full queue, or retain and a full job store)."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        prepared = prepare(self, work)
+        limit = self.settings.max_request_seconds
+        seconds = limit if timeout_s is None else min(timeout_s, limit)
+        handle = RequestHandle(work.task, prepared.model.name, prepared.steps,
+                               deadline=time.monotonic() + seconds, owner=owner)
+        if retain:
+            self.jobs.check_room()  # raises Overloaded when the store is full
+        self._queue_first(handle, prepared)
+        if retain:
+            self.jobs.add(handle)
+        handle.start(asyncio.ensure_future(self._run_until(handle, prepared, seconds)))
+        self._inflight.add(handle)
+        handle.on_finish.append(self._finished)
+        return handle
+
+    def _queue_first(self, handle: RequestHandle, prepared: Prepared) -> None:
+        """Queue the jobs that start a task now: a full queue is a 429 for the request, not a failed job."""
+        worker, loop = self.workers[prepared.model.name], asyncio.get_running_loop()
+        queued: list[SampleJob] = []
+        try:
+            for job in prepared.first:
+                job.on_progress = handle.progress_listener(loop)
+                queued.append(worker.submit(job))
+        except Exception:
+            for job in queued:
+                worker.cancel(job)
+            raise
+
+    async def _run_until(self, handle: RequestHandle, prepared: Prepared, seconds: float) -> Outcome:
+        try:
+            async with asyncio.timeout(seconds):
+                return await prepared.run(handle)  # type: ignore[no-any-return]
+        except TimeoutError:
+            self.metrics.deadline_expired.labels(handle.model).inc()
+            raise DeadlineExceeded(f"deadline exceeded: the request did not finish within {seconds:g} s "
+                                   "(its timeout_s, capped by DDIM_MAX_REQUEST_SECONDS; queueing counts)") from None
+
+    def _finished(self, handle: RequestHandle) -> None:
+        self._inflight.discard(handle)
+        if handle.status == "cancelled":
+            self.metrics.cancelled.labels(handle.model).inc()
+        if handle.first_progress_seconds is not None:
+            self.metrics.first_progress.labels(handle.model).observe(handle.first_progress_seconds)
+
+    def health(self) -> dict[str, object]:
+        """ready: serving; draining: shutting down (not ready); error: why loading failed."""
+        return {"ready": self.ready and not self.draining, "draining": self.draining, "error": self.error,
+                "models": sorted(self.models)}
+
+    def stats(self) -> list[dict[str, object]]:
+        """Each model's info, with its waiting and active samples."""
+        out = []
+        for name, m in sorted(self.models.items()):
+            waiting, active = self.workers[name].load
+            out.append({**m.info(), "default": name == self.default_name, "waiting": waiting, "active": active})
+        return out
+
+    async def drain(self, seconds: float) -> None:
+        """Admit nothing more; let what is in flight finish for up to seconds, then fail what is left (503)."""
+        self.draining = True
+        pending = [h for h in self._inflight if not h.finished]
+        if pending:
+            log.info("draining: %d requests in flight, up to %g s", len(pending), seconds)
+            await asyncio.wait([asyncio.ensure_future(h.result()) for h in pending], timeout=seconds)
+        left = [h for h in self._inflight if not h.finished]
+        for h in left:
+            h.cancel(ShuttingDown("the server shut down before this request finished; submit it again"))
+        if left:
+            await asyncio.wait([asyncio.ensure_future(h.result()) for h in left], timeout=5)
+        log.info("drained: %d finished in time, %d failed", len(pending) - len(left), len(left))

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.errors import EngineError, JobCancelled, QueueFull
 from app.sampling import Direction, Plan
 
+__all__ = ["EngineError", "JobCancelled", "JobResult", "QueueFull", "SampleJob"]
+
 _ids = itertools.count()
-
-
-class EngineError(RuntimeError):
-    """Base of the engine's own errors."""
-
-
-class QueueFull(EngineError):
-    """Admission would exceed the model's bound on waiting + active samples."""
-
-    def __init__(self, model: str, retry_after: float) -> None:
-        super().__init__(f"the queue of model {model!r} is full; retry in {retry_after:.0f} s")
-        self.retry_after = retry_after
-
-
-class JobCancelled(EngineError):
-    """The job was cancelled before it finished."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +47,17 @@ class SampleJob:
     endpoint: str = "generate"
     class_labels: torch.Tensor | None = None
     guidance_scale: float = 1.0
+    # progress: called from the worker thread after each step with (steps done, x0 predictions or None); the x0
+    # predictions [n, C, H, W] come every preview_every steps (0: never)
+    on_progress: Callable[[int, torch.Tensor | None], None] | None = None
+    preview_every: int = 0
     id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.monotonic)
     future: Future[JobResult] = field(default_factory=Future)
     # filled in by the worker
     first_step_at: float | None = None
+    submitted: bool = False
+    reported: int = 0  # steps last passed to on_progress
     remaining: int = 0
     cancelled: bool = False
 

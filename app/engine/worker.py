@@ -71,6 +71,7 @@ class BatchWorker:
             if load + job.n > self.max_queue:
                 raise QueueFull(self.model.name, self.retry_after())
             job.future.set_running_or_notify_cancel()  # from now on only cancel() stops it
+            job.submitted = True
             self.waiting.extend(Row(job, i) for i in range(job.n))
             self._gauges()
             self._cond.notify()
@@ -173,8 +174,10 @@ class BatchWorker:
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)  # time the forward, not its launch
         forward = time.perf_counter() - started
-        x_next = take_step(x, out, coef, prediction_type=self.model.prediction_type, clip_denoised=clip,
-                           noise=noise).prev_sample
+        stepped = take_step(x, out, coef, prediction_type=self.model.prediction_type, clip_denoised=clip,
+                            noise=noise)
+        x_next = stepped.prev_sample
+        self._report(idx, stepped.pred_original_sample)
         self._batch_size.observe(rows)
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(x))
@@ -188,6 +191,31 @@ class BatchWorker:
                 now = time.monotonic()
                 first = job.first_step_at or now
                 _resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
+
+    def _report(self, idx: torch.Tensor | None, x0: torch.Tensor) -> None:
+        """Tell each stepped job that wants progress how many steps its slowest stepped sample has done, with
+        its x0 predictions every preview_every steps."""
+        b = self.batch
+        rows = b.rows if idx is None else [b.rows[i] for i in idx.tolist()]
+        if not any(r.job.on_progress is not None for r in rows):
+            return
+        pos = (b.pos if idx is None else b.pos.index_select(0, idx)).tolist()
+        done: dict[SampleJob, int] = {}
+        at: dict[SampleJob, list[int]] = {}
+        for k, (r, p) in enumerate(zip(rows, pos)):
+            if r.job.on_progress is not None:
+                done[r.job] = min(done.get(r.job, p + 1), p + 1)
+                at.setdefault(r.job, []).append(k)
+        for job, steps in done.items():
+            if steps <= job.reported:
+                continue
+            job.reported = steps
+            every = job.preview_every
+            preview = x0[at[job]].float().cpu() if every and (steps % every == 0 or steps == job.steps) else None
+            try:
+                job.on_progress(steps, preview)  # type: ignore[misc]
+            except Exception:  # a listener's failure is not the step's
+                log.exception("progress listener failed for job %d", job.id)
 
     def _fail_active(self, error: BaseException) -> None:
         for job in {id(r.job): r.job for r in self.batch.rows}.values():

@@ -74,7 +74,7 @@ def test_bad_multipart_and_odd_image_modes(client: httpx.Client) -> None:
                     headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert r.status_code in (400, 422) and "detail" in r.json()
     r = client.post("/invert", files=[("files", ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"))])
-    assert r.status_code == 422 and "images.0" in str(r.json()["detail"])
+    assert r.status_code == 422 and "files.0" in str(r.json()["detail"])  # the field the client used
     for mode, size in (("I;16", (9, 9)), ("CMYK", (5, 20)), ("RGBA", (30, 30)), ("P", (8, 8)), ("1", (12, 12))):
         r = client.post("/invert", json={"model": "tiny-rgb", "images": [png_b64(Image.new(mode, size),
                                                                                 "TIFF" if mode == "CMYK" else "PNG")],
