@@ -26,6 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.run
 
 lint: $(STAMP)

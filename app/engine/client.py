@@ -7,6 +7,7 @@ stats(), drain(). Below it: the models' workers, and the tasks that run as their
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -222,6 +223,10 @@ class Engine:
             result: JobResult = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
             worker.cancel(job)
+            # the worker settles the job once its samples have left the batch (its next step boundary): a cancel
+            # is done when the compute is free
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), 30)
             raise
         if handle is not None:
             handle.queue_seconds += result.queue_seconds
