@@ -34,6 +34,9 @@ class Metrics:
                                 registry=r)
         self.ready = Gauge("ddim_ready", "1 once every model is loaded and warmed up", registry=r)
         self.startup_seconds = Gauge("ddim_startup_seconds", "Time from start to ready", registry=r)
+        self.failures = Counter("ddim_failures", "Requests failed by a fault of the model or the worker (cause: "
+                                "forward_error, non_finite, worker_restart), and forwards retried in halves "
+                                "(out_of_memory_retry)", ["model", "cause"], registry=r)
         self.jobs = Gauge("ddim_jobs", "Jobs held in the job store, by status", ["status"], registry=r)
         self.job_result_bytes = Gauge("ddim_job_result_bytes", "Memory held by retained job results", registry=r)
         self.cancelled = Counter("ddim_requests_cancelled", "Requests and jobs cancelled before they finished "

@@ -38,7 +38,7 @@ async def _engine(request: Request) -> Engine:
     health = engine.health()
     if not health["ready"]:
         raise NotReady("the server is shutting down" if health["draining"] else
-                       engine.error or "models are still loading")
+                       health["error"] or "models are still loading")
     return engine
 
 
@@ -66,6 +66,10 @@ def _owner(request: Request) -> str | None:
     return getattr(request.state, "key_id", None)
 
 
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", ""))
+
+
 # -- health and models ---------------------------------------------------------------------------
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
@@ -78,7 +82,7 @@ async def readyz(request: Request) -> dict[str, Any]:
     health = engine.health()
     if not health["ready"]:
         return JSONResponse({"detail": "the server is shutting down" if health["draining"] else
-                             engine.error or "models are still loading"}, status_code=503,
+                             health["error"] or "models are still loading"}, status_code=503,
                             headers={"Retry-After": "5"})  # type: ignore[return-value]
     return {"status": "ready", "models": health["models"]}
 
@@ -125,7 +129,7 @@ def _stream(request: Request, handle: RequestHandle, *, cancel_on_disconnect: bo
 async def _answer(request: Request, engine: Engine, work: Work, body: Any, offered: list[str]) -> Any:
     """Submit, then answer with the result in the negotiated type, or stream the events."""
     accept = negotiate(request, [*offered, SSE])
-    handle = engine.submit(work, timeout_s=body.timeout_s, owner=_owner(request))
+    handle = engine.submit(work, timeout_s=body.timeout_s, owner=_owner(request), request_id=_request_id(request))
     handle.meta.update(render.options(body))
     if accept == SSE:
         return _stream(request, handle, cancel_on_disconnect=True)
@@ -189,7 +193,8 @@ async def interpolate(body: InterpolateRequest, request: Request, engine: Engine
 
 # -- jobs ------------------------------------------------------------------------------------------
 def _accepted(engine: Engine, request: Request, work: Work, body: Any) -> JSONResponse:
-    handle = engine.submit(work, timeout_s=body.timeout_s, owner=_owner(request), retain=True)
+    handle = engine.submit(work, timeout_s=body.timeout_s, owner=_owner(request), retain=True,
+                           request_id=_request_id(request))
     handle.meta.update(render.options(body))
     return JSONResponse(handle.state(), status_code=202, headers={"Location": f"/jobs/{handle.id}"})
 

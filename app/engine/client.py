@@ -46,6 +46,7 @@ class Engine:
         self.default_name: str | None = None
         self.jobs = JobStore(settings.max_jobs, settings.job_ttl_seconds, metrics)
         self._inflight: set[RequestHandle] = set()
+        self._stopping = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
@@ -70,6 +71,7 @@ class Engine:
                                            "x".join(map(str, info["image_size"])), str(info["channels"])).set(1)
             log.info("model %s ready on %s (%s, channels_last=%s)", name, device, info["dtype"], info["channels_last"])
         self.default_name = s.default_model if s.default_model in self.models else names[0]
+        threading.Thread(target=self._supervise, name="engine-supervisor", daemon=True).start()
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.startup_seconds.set(time.monotonic() - started)
@@ -110,7 +112,15 @@ class Engine:
             for b in sorted({1, s.max_batch_size}):
                 model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500.0))
 
+    def _supervise(self, every: float = 0.5) -> None:
+        """Restart a worker whose thread died (a fault past its step's containment); /readyz is 503 meanwhile."""
+        while not self._stopping.wait(every):
+            for worker in list(self.workers.values()):
+                if not worker.alive and not self._stopping.is_set():
+                    worker.restart()
+
     def stop(self) -> None:
+        self._stopping.set()
         for w in self.workers.values():
             w.stop()
 
@@ -237,7 +247,7 @@ class Engine:
 
     # -- the interface the API sees ------------------------------------------------------------
     def submit(self, work: Work, *, timeout_s: float | None = None, owner: str | None = None,
-               retain: bool = False) -> RequestHandle:
+               retain: bool = False, request_id: str = "") -> RequestHandle:
         """Validate and start a task; returns its handle at once. Raises InvalidRequest, UnknownModel, NotReady
         (ShuttingDown while draining) or Overloaded (a full queue, or retain and a full job store)."""
         if self.draining:
@@ -246,7 +256,7 @@ class Engine:
         limit = self.settings.max_request_seconds
         seconds = limit if timeout_s is None else min(timeout_s, limit)
         handle = RequestHandle(work.task, prepared.model.name, prepared.steps,
-                               deadline=time.monotonic() + seconds, owner=owner)
+                               deadline=time.monotonic() + seconds, owner=owner, request_id=request_id)
         if retain:
             self.jobs.check_room()  # raises Overloaded when the store is full
         self._queue_first(handle, prepared)
@@ -263,7 +273,7 @@ class Engine:
         queued: list[SampleJob] = []
         try:
             for job in prepared.first:
-                job.on_progress = handle.progress_listener(loop)
+                job.on_progress, job.tag = handle.progress_listener(loop), handle.request_id
                 queued.append(worker.submit(job))
         except Exception:
             for job in queued:
@@ -288,7 +298,9 @@ class Engine:
 
     def health(self) -> dict[str, object]:
         """ready: serving; draining: shutting down (not ready); error: why loading failed."""
-        return {"ready": self.ready and not self.draining, "draining": self.draining, "error": self.error,
+        dead = sorted(name for name, w in self.workers.items() if not w.alive)
+        error = self.error or (f"the worker of model(s) {', '.join(dead)} is restarting" if dead else None)
+        return {"ready": self.ready and not self.draining and not dead, "draining": self.draining, "error": error,
                 "models": sorted(self.models)}
 
     def stats(self) -> list[dict[str, object]]:

@@ -68,6 +68,7 @@ class RequestHandle:
     steps: int
     deadline: float | None = None  # time.monotonic()
     owner: str | None = None
+    request_id: str = ""
     id: str = field(default_factory=lambda: secrets.token_hex(16))  # 128 random bits
     status: Status = "queued"
     step: int = 0

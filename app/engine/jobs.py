@@ -45,6 +45,7 @@ class SampleJob:
     clip_denoised: bool = False
     generators: list[torch.Generator] | None = None
     endpoint: str = "generate"
+    tag: str = ""  # the request's id, for the log
     class_labels: torch.Tensor | None = None
     guidance_scale: float = 1.0
     # progress: called from the worker thread after each step with (steps done, x0 predictions or None); the x0

@@ -202,5 +202,5 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
 
 
 def _listen(job: SampleJob, handle: RequestHandle, offset: int = 0) -> SampleJob:
-    job.on_progress = handle.progress_listener(asyncio.get_running_loop(), offset)
+    job.on_progress, job.tag = handle.progress_listener(asyncio.get_running_loop(), offset), handle.request_id
     return job

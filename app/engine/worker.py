@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from app.engine.batch import ActiveBatch, Row
+from app.engine.faults import free_cached, is_out_of_memory, nonfinite_rows
 from app.engine.priority import ShortFirst
 from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob
 from app.metrics import Metrics
@@ -170,27 +171,72 @@ class BatchWorker:
         noise = b.noise(idx)
         rows = len(x) + (int(b.guided.sum()) if idx is None else int(b.guided.index_select(0, idx).sum()))
         started = time.perf_counter()
-        out = self._predict(x, t, idx)
+        try:
+            out = self._forward(x, t, idx)
+        except Exception as e:  # fails the rows of this forward only; the worker goes on
+            self._fail_rows(idx, e)
+            return
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)  # time the forward, not its launch
         forward = time.perf_counter() - started
         stepped = take_step(x, out, coef, prediction_type=self.model.prediction_type, clip_denoised=clip,
                             noise=noise)
         x_next = stepped.prev_sample
+        bad = nonfinite_rows(x_next)
+        broken = set() if bad is None else {self._row(idx, int(k)).job for k in bad.tolist()}
         self._report(idx, stepped.pred_original_sample)
         self._batch_size.observe(rows)
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(x))
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
         finished = b.advance(x_next, idx)
+        if broken:
+            self._fail_jobs(broken, "non_finite", f"model {self.model.name!r} produced non-finite values (NaN or "
+                                                  "inf) in this request's samples; the model or its weights are broken")
         self._gauges()  # before any result is out, so a client never reads a stale gauge
         for row in finished:
             job = row.job
             job.remaining -= 1
-            if job.remaining == 0:
+            if job.remaining == 0 and job not in broken:
                 now = time.monotonic()
                 first = job.first_step_at or now
                 _resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
+
+    def _row(self, idx: torch.Tensor | None, k: int) -> Row:
+        return self.batch.rows[k if idx is None else int(idx[k])]
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """The forward of rows idx; out of memory, it is retried once in two halves."""
+        try:
+            return self._predict(x, t, idx)
+        except Exception as e:
+            if not is_out_of_memory(e) or len(x) < 2:
+                raise
+            log.warning("model %s ran out of memory on a forward of %d samples; retrying in two halves",
+                        self.model.name, len(x))
+            self.metrics.failures.labels(self.model.name, "out_of_memory_retry").inc()
+            free_cached(self.model.device)
+            sel, h = torch.arange(len(self.batch), device=self.batch.device) if idx is None else idx, len(x) // 2
+            return torch.cat([self._predict(x[:h], t[:h], sel[:h]), self._predict(x[h:], t[h:], sel[h:])])
+
+    def _fail_rows(self, idx: torch.Tensor | None, error: BaseException) -> None:
+        """A forward raised: fail the requests whose rows it held."""
+        jobs = {r.job for r in (self.batch.rows if idx is None else [self.batch.rows[i] for i in idx.tolist()])}
+        log.error("the forward of model %s failed (%s: %s)", self.model.name, type(error).__name__, error,
+                  exc_info=error)
+        self._fail_jobs(jobs, "forward_error", f"the forward of model {self.model.name!r} failed "
+                                               f"({type(error).__name__}: {error})")
+
+    def _fail_jobs(self, jobs: set[SampleJob], cause: str, message: str) -> None:
+        """Fail these jobs (one log line and one count each) and drop their samples; the others go on."""
+        for job in jobs:
+            self.metrics.failures.labels(self.model.name, cause).inc()
+            log.error("%s; failing request %s", message, job.tag or job.id)
+            _resolve(job, error=EngineError(message))
+        self.batch.keep(torch.tensor([r.job not in jobs for r in self.batch.rows], dtype=torch.bool))
+        with self._cond:
+            self.waiting = deque(r for r in self.waiting if r.job not in jobs)
+        self._gauges()
 
     def _report(self, idx: torch.Tensor | None, x0: torch.Tensor) -> None:
         """Tell each stepped job that wants progress how many steps its slowest stepped sample has done, with
@@ -225,6 +271,22 @@ class BatchWorker:
     def _gauges(self) -> None:
         self.metrics.queue_depth.labels(self.model.name).set(len(self.waiting))
         self.metrics.active_samples.labels(self.model.name).set(len(self.batch))
+
+    @property
+    def alive(self) -> bool:
+        """The worker's thread is serving (or was never started); False once it died, or was stopped."""
+        return not self._stop and (self._thread.ident is None or self._thread.is_alive())
+
+    def restart(self) -> None:
+        """After the worker's thread died: fail the requests it held in its batch (their state is lost), keep the
+        waiting ones, and serve from a new thread."""
+        self.metrics.failures.labels(self.model.name, "worker_restart").inc()
+        log.error("the worker thread of model %s died; restarting it, failing its %d active samples",
+                  self.model.name, len(self.batch))
+        self._fail_active(EngineError(f"the worker of model {self.model.name!r} failed and was restarted while "
+                                      "this request ran; submit it again"))
+        self._thread = threading.Thread(target=self.run_here, name=f"worker-{self.model.name}", daemon=True)
+        self._thread.start()
 
     def run_here(self) -> None:
         """Serve from the calling thread, which becomes this worker's thread, until stop(). The engine
