@@ -11,12 +11,15 @@ from contextlib import asynccontextmanager
 from types import FrameType
 
 import uvicorn
+from PIL import Image
 
 from fastapi import FastAPI, Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__, logs
 from app.api import errors
+from app.api.auth import ApiKeys, load_digests
 from app.api.routes import router
 from app.config import Settings
 from app.engine.client import Engine
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; works with `uvicorn --factory app.main:create_app` (settings from DDIM_* then)."""
     settings = settings or Settings()
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow refuses a decompression bomb past twice this
     metrics = Metrics()
     engine = Engine(settings, metrics)
 
@@ -68,6 +72,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    digests = load_digests(settings.api_keys, settings.api_keys_file)
+    if digests:
+        app.add_middleware(ApiKeys, digests=digests, metrics_auth=settings.metrics_auth)
+    if settings.cors_origins.strip():
+        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type",
+                                                                                   "Accept", "X-Request-ID"],
+                           expose_headers=["Location", "Retry-After", "X-Request-ID"])
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 

@@ -102,10 +102,26 @@ def prepare(engine: Engine, work: Work) -> Prepared:
     if work.preview_every < 0:
         raise InvalidRequest("preview_every", "preview_every must be 0 (none) or a positive number of steps")
     if isinstance(work, GenerateWork):
-        return _prepare_generate(engine, model, work)
-    if isinstance(work, InvertWork):
-        return _prepare_invert(engine, model, work)
-    return _prepare_interpolate(engine, model, work)
+        prepared = _prepare_generate(engine, model, work)
+    elif isinstance(work, InvertWork):
+        prepared = _prepare_invert(engine, model, work)
+    else:
+        prepared = _prepare_interpolate(engine, model, work)
+    _check_work(engine, work, prepared)
+    return prepared
+
+
+def _check_work(engine: Engine, work: Work, prepared: Prepared) -> None:
+    """The work cap: samples x steps over the whole task, a guided sample counting twice."""
+    n = work.n if isinstance(work, GenerateWork) else work.frames if isinstance(work, InterpolateWork) else \
+        int(work.images.shape[0])
+    rows = 2 if work.class_label is not None and work.guidance_scale not in (0.0, 1.0) else 1
+    cost, cap = n * prepared.steps * rows, engine.settings.max_work
+    if cost > cap:
+        field_name = {"generate": "n", "invert": "images", "interpolate": "frames"}[work.task]
+        raise InvalidRequest(field_name, f"this request is {cost} sample-steps ({n} samples x {prepared.steps} steps"
+                                         f"{' x 2 rows for guidance' if rows == 2 else ''}); this server allows at "
+                                         f"most {cap} (DDIM_MAX_WORK): ask for fewer samples or steps")
 
 
 def _check_n(engine: Engine, n: int, field_name: str) -> None:

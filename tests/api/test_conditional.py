@@ -92,6 +92,7 @@ def test_flow_inversion_and_interpolation(cond: httpx.Client) -> None:
     ({"guidance_scale": -1}, "guidance_scale", "greater than or equal to 0"),
     ({"variance": "large"}, "variance", "VP models only"),
     ({"schedule": "trailing"}, "schedule", "not offered for flow model"),
+    ({"n": 33, "steps": 1000, "class_label": "cat", "guidance_scale": 2}, "n", "x 2 rows for guidance"),
 ])
 def test_bad_conditioning_gets_422_naming_the_field(cond: httpx.Client, body: dict, field: str, words: str) -> None:
     r = cond.post("/generate", json={"steps": 3, **body})
