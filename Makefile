@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: install serve test bench lint clean
+.PHONY: install serve test bench lint clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.run
+
+fuzz: $(STAMP)  # schema fuzzing of every operation against a live server (docs/reliability.md)
+	$(BIN)/python -m tests.fuzz --examples 200
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests benchmarks

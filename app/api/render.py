@@ -85,7 +85,10 @@ async def sse_event(event: Event, handle: RequestHandle) -> bytes:
 # -- OpenAPI ---------------------------------------------------------------------------------------
 ERROR = {"description": "an error: JSON {detail}", "content": {JSON: {"schema": {
     "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
-_EVENTS = {SSE: {"schema": {"type": "string"}, "example": 'event: progress\ndata: {"step": 3, "steps": 50}\n\n'}}
+_EVENTS = {SSE: {"schema": {"type": "object", "description": "one server-sent event: `event` is progress, result, "
+                                                   "error or cancelled; `data` is its JSON", "properties": {
+    "event": {"type": "string", "enum": ["progress", "result", "error", "cancelled"]}, "data": {"type": "string"}}},
+    "example": 'event: progress\ndata: {"step": 3, "steps": 50, "at": 1796287284.05}\n\n'}}
 _ERRORS = {str(code): {**ERROR, "description": text} for code, text in (
     (404, "unknown model or job"), (406, "the Accept header asks for a type this endpoint cannot give"),
     (413, "body or image too large"), (422, "invalid input; detail names the field"),
