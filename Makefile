@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: install serve test bench lint clean fuzz
+.PHONY: install serve test bench lint clean fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: $(STAMP)
 
 fuzz: $(STAMP)  # schema fuzzing of every operation against a live server (docs/reliability.md)
 	$(BIN)/python -m tests.fuzz --examples 200
+
+soak: $(STAMP)  # 2x this machine's capacity for 5 minutes, loopback only (SOAK_SECONDS=300)
+	$(BIN)/python -m benchmarks.soak --seconds $(or $(SOAK_SECONDS),300)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests benchmarks
