@@ -37,6 +37,7 @@ soak: $(STAMP)  # 2x this machine's capacity for 5 minutes, loopback only (SOAK_
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,3 +16,11 @@ def test_ruff_clean() -> None:
     r = subprocess.run([str(ruff), "check", "app", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True,
                        check=False)
     assert r.returncode == 0, r.stdout
+
+
+def test_mypy_clean() -> None:
+    """mypy passes (strict for app/sampling and app/engine; the configuration is in pyproject.toml)."""
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
+    assert mypy is not None, "mypy is in the dev extra: pip install -e '.[dev]'"
+    r = subprocess.run([mypy], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout

@@ -85,11 +85,11 @@ async def sse_event(event: Event, handle: RequestHandle) -> bytes:
 # -- OpenAPI ---------------------------------------------------------------------------------------
 ERROR = {"description": "an error: JSON {detail}", "content": {JSON: {"schema": {
     "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
-_EVENTS = {SSE: {"schema": {"type": "object", "description": "one server-sent event: `event` is progress, result, "
-                                                   "error or cancelled; `data` is its JSON", "properties": {
+_EVENT_DOC = "one server-sent event: `event` is progress, result, error or cancelled; `data` is its JSON"
+_EVENTS: dict[str, Any] = {SSE: {"schema": {"type": "object", "description": _EVENT_DOC, "properties": {
     "event": {"type": "string", "enum": ["progress", "result", "error", "cancelled"]}, "data": {"type": "string"}}},
     "example": 'event: progress\ndata: {"step": 3, "steps": 50, "at": 1796287284.05}\n\n'}}
-_ERRORS = {str(code): {**ERROR, "description": text} for code, text in (
+_ERRORS: dict[int | str, dict[str, Any]] = {str(code): {**ERROR, "description": text} for code, text in (
     (404, "unknown model or job"), (406, "the Accept header asks for a type this endpoint cannot give"),
     (413, "body or image too large"), (422, "invalid input; detail names the field"),
     (429, "queue or job store full; Retry-After says when to retry"),

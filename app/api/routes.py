@@ -43,7 +43,8 @@ async def _engine(request: Request) -> Engine:
 
 
 async def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 EngineDep = Annotated[Engine, Depends(_engine)]
@@ -142,7 +143,7 @@ def _generate_work(body: GenerateRequest) -> GenerateWork:
     x_T = decode_npy(body.x_T, "x_T") if body.x_T is not None else None
     return GenerateWork(model=body.model, n=body.n, steps=body.steps, eta=body.eta, variance=body.variance,
                         schedule=body.schedule, seed=body.seed, x_T=x_T, clip_denoised=body.clip_denoised,
-                        class_label=body.class_label, guidance_scale=body.guidance_scale,  # type: ignore[arg-type]
+                        class_label=body.class_label, guidance_scale=body.guidance_scale,
                         preview_every=body.preview_every)
 
 
@@ -154,7 +155,7 @@ async def _invert_work(request: Request, engine: Engine, settings: Settings) -> 
     small = len(raws) * prod(model.sample_shape) <= render.INLINE_ELEMENTS
     images = await _offload(small, _decode_images, raws, field, model, settings.max_image_pixels)
     return body, InvertWork(model=body.model, images=images, steps=body.steps, schedule=body.schedule,
-                            class_label=body.class_label, guidance_scale=body.guidance_scale,  # type: ignore[arg-type]
+                            class_label=body.class_label, guidance_scale=body.guidance_scale,
                             preview_every=body.preview_every, return_reconstruction=body.return_reconstruction)
 
 
@@ -164,7 +165,7 @@ async def _interpolate_work(request: Request, engine: Engine, settings: Settings
     start, end = [await asyncio.to_thread(_end, model, e, name, settings.max_image_pixels)
                   for e, name in ((body.start, "start"), (body.end, "end"))]
     return InterpolateWork(model=body.model, start=start, end=end, frames=body.frames, steps=body.steps,
-                           schedule=body.schedule, method=body.method, class_label=body.class_label,  # type: ignore[arg-type]
+                           schedule=body.schedule, method=body.method, class_label=body.class_label,
                            guidance_scale=body.guidance_scale, preview_every=body.preview_every)
 
 

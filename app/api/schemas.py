@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from app.engine.tasks import Spacing
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Schedule = Literal["uniform", "leading", "quadratic", "trailing", "linspace"]
+Schedule = Spacing  # the schedule names: one definition, in app/sampling/schedules.py, passed on by the engine
 SEED_MAX = 2**62
 ClassLabel = Annotated[int, Field(ge=0)] | str
 SCHEDULE_DOC = ("timestep spacing; default: the model's (uniform on VP models; linspace, diffusers' "

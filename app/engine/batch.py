@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.jobs import SampleJob
-from app.sampling import StepCoefficients, step_coefficients
+from app.sampling import StepCoefficients, coefficient_dtype, step_coefficients
 
 
 @dataclass
@@ -34,16 +34,17 @@ class ActiveBatch:
     def __init__(self, device: torch.device, null_class: int | None = None) -> None:
         self.device = device
         self.null_class = null_class
-        self.coef_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.coef_dtype = coefficient_dtype(device)
         self.rows: list[Row] = []
         self.x: torch.Tensor | None = None
-        f, long, flag = dict(dtype=self.coef_dtype, device=device), dict(dtype=torch.long, device=device), \
-            dict(dtype=torch.bool, device=device)
-        self.a, self.s = torch.empty(0, 1, **f), torch.empty(0, 1, **f)  # type: ignore[arg-type]
-        self.model_t = torch.empty(0, 0, dtype=torch.float32, device=device)
-        self.pos, self.n_steps, self.labels = (torch.empty(0, **long) for _ in range(3))  # type: ignore[arg-type]
-        self.eta, self.w = torch.empty(0, **f), torch.empty(0, **f)  # type: ignore[arg-type]
-        self.large, self.clip, self.stochastic, self.guided = (torch.empty(0, **flag) for _ in range(4))  # type: ignore[arg-type]
+        def empty(dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+            return torch.empty((0,) if width is None else (0, width), dtype=dtype, device=device)
+
+        self.a, self.s = empty(self.coef_dtype, 1), empty(self.coef_dtype, 1)
+        self.model_t = empty(torch.float32, 0)
+        self.pos, self.n_steps, self.labels = (empty(torch.long) for _ in range(3))
+        self.eta, self.w = empty(self.coef_dtype), empty(self.coef_dtype)
+        self.large, self.clip, self.stochastic, self.guided = (empty(torch.bool) for _ in range(4))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -125,7 +126,8 @@ class ActiveBatch:
         noise = torch.zeros((len(stochastic), *shape[1:]), dtype=torch.float32, pin_memory=self.device.type == "cuda")
         for k in rows:
             r = self.rows[k if order is None else order[k]]
-            noise[k] = torch.randn(shape, generator=r.job.generators[r.index])[0]  # type: ignore[index]
+            assert r.job.generators is not None
+            noise[k] = torch.randn(shape, generator=r.job.generators[r.index])[0]
         return noise.to(self.device, non_blocking=True)
 
     def advance(self, x_next: torch.Tensor, idx: torch.Tensor | None = None) -> list[Row]:

@@ -27,7 +27,7 @@ from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
 from app.models.layout import faster_layouts
 from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
-from app.sampling import Direction, Plan, ScheduleError, draw, sample_generators
+from app.sampling import Direction, Plan, ScheduleError, draw, is_stochastic, sample_generators
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Engine:
                                              f"model {model.name!r} is a {model.kind} model")
         seq = self.check_steps(model, steps, schedule)
         self._check_n(n, "n")
-        stochastic = eta > 0 or large
+        stochastic = is_stochastic(eta, large)
         gens = None
         if x_T is None or stochastic:
             if seed is None:

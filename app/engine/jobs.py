@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.errors import EngineError, JobCancelled, QueueFull
-from app.sampling import Direction, Plan
+from app.sampling import Direction, Plan, is_stochastic
 
 __all__ = ["EngineError", "JobCancelled", "JobResult", "QueueFull", "SampleJob"]
 
@@ -76,7 +76,7 @@ class SampleJob:
 
     @property
     def stochastic(self) -> bool:
-        return self.direction == "generate" and (self.eta > 0 or self.large)
+        return self.direction == "generate" and is_stochastic(self.eta, self.large)
 
     @property
     def guided(self) -> bool:

@@ -20,7 +20,9 @@ from app.engine.errors import InvalidRequest
 from app.engine.handle import Outcome, RequestHandle
 from app.engine.jobs import SampleJob
 from app.models import LoadedModel
-from app.sampling import draw, lerp, sample_generators, slerp
+from app.sampling import Spacing, draw, lerp, sample_generators, slerp
+
+__all__ = ["End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work", "prepare"]
 
 if TYPE_CHECKING:
     from app.engine.client import Engine
@@ -202,9 +204,10 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
 
     async def run(handle: RequestHandle) -> Outcome:
         inverted = await asyncio.gather(*(engine.run(model, _listen(j, handle), handle) for j in inversions.values()))
-        latent = {name: latent for name, (_, latent) in ends.items()} | {
-            name: x[0] for name, x in zip(inversions, inverted)}
+        latent: dict[str, torch.Tensor | None] = {name: latent for name, (_, latent) in ends.items()}
+        latent |= {name: x[0] for name, x in zip(inversions, inverted)}
         x0, x1 = latent["start"], latent["end"]
+        assert x0 is not None and x1 is not None
         latents = torch.stack([mix(x0, x1, i / (work.frames - 1)) for i in range(work.frames)])
         job, _ = engine.generate_job(model, n=work.frames, steps=work.steps, eta=0.0, large=False,
                                      schedule=work.schedule, seed=None, x_T=latents, class_labels=labels,

@@ -28,6 +28,7 @@ from app.models.fast import Forward, bf16_supported
 from app.sampling import (
     FLOW_SPACINGS,
     SPACINGS,
+    VP_PREDICTION_TYPES,
     Direction,
     PathKind,
     Plan,
@@ -283,8 +284,8 @@ def _path_of(sched: dict[str, Any], path: Path) -> torch.Tensor | None:
                                     f"got {T!r} and {shift!r}")
             return None
         prediction = sched.get("prediction_type", "epsilon")
-        if prediction not in ("epsilon", "sample", "v_prediction"):
-            raise ScheduleError(f"unknown prediction_type {prediction!r}")
+        if prediction not in VP_PREDICTION_TYPES:
+            raise ScheduleError(f"unknown prediction_type {prediction!r}; supported: {', '.join(VP_PREDICTION_TYPES)}")
         return alphas_cumprod_from_config(sched)
     except (ScheduleError, TypeError, ValueError) as e:
         raise ModelStoreError(f"{path}: {e}") from e

@@ -1,6 +1,6 @@
 """Pure tensor math of DDIM sampling on Gaussian paths: no I/O, no threads, no global state."""
 
-from app.sampling.noise import draw, sample_generators
+from app.sampling.noise import draw, is_stochastic, sample_generators
 from app.sampling.paths import PATH_KINDS, Direction, PathKind, Plan, flow_levels, flow_plan, vp_levels, vp_plan
 from app.sampling.schedules import (
     FLOW_SPACINGS,
@@ -16,6 +16,8 @@ from app.sampling.schedules import (
 )
 from app.sampling.step import (
     PREDICTION_TYPES,
+    VP_PREDICTION_TYPES,
+    coefficient_dtype,
     PredictionType,
     StepCoefficients,
     StepOutput,
@@ -34,10 +36,43 @@ from app.sampling.step import (
 )
 
 __all__ = [
-    "FLOW_SPACINGS", "PATH_KINDS", "PREDICTION_TYPES", "SPACINGS", "Direction", "PathKind", "Plan", "PredictionType",
-    "ScheduleError", "Spacing", "StepCoefficients", "StepOutput", "alpha_at", "alphas_cumprod_from_config",
-    "betas_from_config", "check_flow_config", "ddim_sigma", "ddim_step", "draw", "flow_levels", "flow_plan",
-    "flow_sigmas", "generalized_step", "guide", "invert_step", "lerp", "predict_x0_eps", "prediction_codes",
-    "sample_generators", "sigma_eta", "slerp", "step_coefficients", "take_step", "timestep_sequence",
-    "vp_levels", "vp_plan",
+    "FLOW_SPACINGS",
+    "PATH_KINDS",
+    "PREDICTION_TYPES",
+    "SPACINGS",
+    "VP_PREDICTION_TYPES",
+    "Direction",
+    "PathKind",
+    "Plan",
+    "PredictionType",
+    "ScheduleError",
+    "Spacing",
+    "StepCoefficients",
+    "StepOutput",
+    "alpha_at",
+    "alphas_cumprod_from_config",
+    "betas_from_config",
+    "check_flow_config",
+    "coefficient_dtype",
+    "ddim_sigma",
+    "ddim_step",
+    "draw",
+    "flow_levels",
+    "flow_plan",
+    "flow_sigmas",
+    "generalized_step",
+    "guide",
+    "invert_step",
+    "is_stochastic",
+    "lerp",
+    "predict_x0_eps",
+    "prediction_codes",
+    "sample_generators",
+    "sigma_eta",
+    "slerp",
+    "step_coefficients",
+    "take_step",
+    "timestep_sequence",
+    "vp_levels",
+    "vp_plan",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from app.sampling.noise import draw
+from app.sampling.noise import draw, is_stochastic
 from app.sampling.paths import Plan, vp_plan
 from app.sampling.step import step_coefficients, take_step
 
@@ -38,7 +38,7 @@ def run_plan(
     """Walk x through the plan's levels. With eta > 0 or large, the noise of step k comes from generators
     (one per sample), in step order (the seed contract)."""
     n = x.shape[0]
-    stochastic = eta > 0 or large
+    stochastic = is_stochastic(eta, large)
     if stochastic and generators is None:
         raise ValueError("eta > 0 or large variance needs one generator per sample")
     eta_t, large_t = torch.full((n,), float(eta), dtype=torch.float64), torch.full((n,), large)

@@ -17,6 +17,7 @@ from app.sampling.schedules import alpha_at
 PredictionType = Literal["epsilon", "sample", "v_prediction", "flow"]
 # flow: a rectified-flow velocity v = eps - x0 (diffusers' FlowMatchEulerDiscreteScheduler models)
 PREDICTION_TYPES: tuple[PredictionType, ...] = get_args(PredictionType)
+VP_PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "sample", "v_prediction")  # what a DDPM config may say
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,14 @@ class StepCoefficients:
     noise_std: torch.Tensor
 
 
+def coefficient_dtype(device: torch.device) -> torch.dtype:
+    """Per-sample coefficients are float64, but on MPS, which has no float64 (float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def precise(v: torch.Tensor) -> torch.Tensor:
-    """Per-sample coefficients in float64 (float32 on MPS, which has no float64)."""
-    return v.float() if v.device.type == "mps" else v.double()
+    """v in the coefficient dtype of its device."""
+    return v.to(coefficient_dtype(v.device))
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
