@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import io
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from ddim_client import (
     NotFound,
     Overloaded,
     Result,
+    RetryPolicy,
 )
 from PIL import Image
 
@@ -170,6 +173,17 @@ def test_429_is_retried_after_retry_after(server: str, raw: httpx.Client) -> Non
         raw.delete(f"/jobs/{long['id']}")
         thread.join(120)
     assert outcome and outcome[0].raw == raw.post("/generate", json={"steps": 2, "seed": 3}).json()
+
+
+def test_the_retry_policy_reads_retry_after_within_its_bound() -> None:
+    policy = RetryPolicy(retries=2, max_wait=10.0)
+    assert policy.wait(429, {"retry-after": "3"}, 0) == 3.0
+    assert policy.wait(503, {"retry-after": "120"}, 1) == 10.0  # the bound
+    assert policy.wait(429, {}, 1) == 2.0  # no advice: 1, 2, 4... s
+    in_5_s = email.utils.formatdate(time.time() + 5, usegmt=True)  # an HTTP date
+    assert 3.0 <= policy.wait(503, {"retry-after": in_5_s}, 0) <= 5.0  # type: ignore[operator]
+    assert policy.wait(429, {"retry-after": "3"}, 2) is None  # retries spent
+    assert policy.wait(500, {"retry-after": "3"}, 0) is None  # only 429 and 503 are retried
 
 
 def queue_full(raw: httpx.Client) -> float:
