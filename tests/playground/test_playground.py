@@ -168,13 +168,16 @@ def test_cancel_stops_the_work_on_the_server(browser: Any, server: str, api: htt
         else:
             by_id(browser, "gen-steps").send_keys(Keys.ESCAPE)
         assert finish(browser, "generate") == "Cancelled."
-    for _ in range(600):  # the server notices the closed stream and cancels the work (bounded: 600 x 0.05 s)
-        if metric(api, cancelled) >= before + 2:
+
+    def idle() -> bool:
+        tiny = next(m for m in api.get("/models").json()["models"] if m["name"] == "tiny")
+        return tiny["active"] == 0 and tiny["waiting"] == 0
+
+    for _ in range(600):  # the server notices each closed stream and cancels its work (bounded: 600 x 0.05 s)
+        if metric(api, cancelled) >= before + 2 and idle():
             break
         time.sleep(0.05)
-    assert metric(api, cancelled) == before + 2
-    tiny = next(m for m in api.get("/models").json()["models"] if m["name"] == "tiny")
-    assert tiny["active"] == 0 and tiny["waiting"] == 0
+    assert metric(api, cancelled) == before + 2 and idle()  # both runs cancelled, their samples gone
     assert console_errors(browser) == []
 
 
