@@ -25,6 +25,7 @@ from app.config import Settings
 from app.engine.client import Engine
 from app.metrics import Metrics
 from app.middleware import RequestMiddleware
+from app.playground import install as install_playground
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.engine, app.state.drain = settings, metrics, engine, drain
     errors.install(app)
     app.include_router(router)
+    install_playground(app)  # GET /: the playground page
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
