@@ -11,7 +11,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-OPEN = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static/", "/favicon.ico")
+OPEN = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static/", "/playground/", "/favicon.ico")
 
 
 def digest(key: str) -> str:

@@ -37,7 +37,7 @@ def test_work_needs_a_key_and_probes_do_not(secured: str) -> None:
         assert c.get("/models").status_code == 401
         for key in (KEY_A, KEY_B):  # the plain key, and the key given by its digest in the file
             assert c.post("/generate", json={"steps": 2}, headers=_auth(key)).status_code == 200
-        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/playground/playground.js"):
             assert c.get(path).status_code == 200, path
 
 
