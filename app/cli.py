@@ -161,7 +161,7 @@ def cmd_eval_flow(args: argparse.Namespace) -> int:
     import torch
 
     from app.eval.classifier import load_classifier
-    from app.eval.flow import FlowEvalConfig, evaluate_flow, flow_md
+    from app.eval.flow import FlowEvalConfig, evaluate_flow, flow_md, model_card
     from app.models import load_model, pick_device
 
     torch.set_num_threads(args.threads)
@@ -173,8 +173,10 @@ def cmd_eval_flow(args: argparse.Namespace) -> int:
     command = (f"ddim eval-flow --model {args.model} --baseline {args.baseline} --n {args.n} --steps {args.steps} "
                f"--n-recon {args.n_recon} --threads {args.threads} --out {args.out}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(flow_md(results, cfg, flow, ddpm, command))
-    print(f"wrote {args.out}")
+    report = flow_md(results, cfg, flow, ddpm, command)
+    Path(args.out).write_text(report)
+    (store / args.model / "README.md").write_text(model_card(store / args.model, report))
+    print(f"wrote {args.out} and {store / args.model / 'README.md'}")
     return 0
 
 

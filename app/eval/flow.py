@@ -7,8 +7,10 @@ is asked for equally. Not resumable: at the default sizes it runs in minutes.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,3 +136,56 @@ for class i % 10 of seed i. Made in {r.seconds / 60:.0f} minutes by
 {cfg.n_recon} test images; flow inversion runs the Euler loop with the sigmas reversed, DDIM inversion is Eq. 14.
 
 {rh}{recon_rows}"""
+
+
+
+def model_card(root: Path, report: str) -> str:
+    """The flow model's card (README.md): what it is (path, classes, the null label), its training, and the
+    report's tables."""
+    tables = "## " + report.split("\n## ", 1)[1] if "\n## " in report else report
+    info = json.loads((root / "training.json").read_text())
+    unet = json.loads((root / "unet/config.json").read_text())
+    shift = json.loads((root / "scheduler/scheduler_config.json").read_text()).get("shift", 1.0)
+    labels = json.loads((root / "model_index.json").read_text())["id2label"]
+    names = [labels[str(i)] for i in range(len(labels))]
+    keys = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+            "down_block_types", "up_block_types", "norm_num_groups", "num_class_embeds")
+    arch = json.dumps({k: unet[k] for k in keys}, indent=2)
+    classes = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
+    return f"""# {root.name}
+
+A class-conditional rectified-flow model (`UNet2DModel` + `FlowMatchEulerDiscreteScheduler`, diffusers layout)
+trained on Fashion-MNIST, served by ddim-serve with Euler/DDIM sampling, inversion and classifier-free guidance.
+
+## What it is
+
+- Path: rectified flow, x_sigma = (1 - sigma) x0 + sigma eps. The network gets timestep 1000 sigma and predicts the
+  velocity v = eps - x0 (diffusers' FlowMatchEulerDiscreteScheduler convention), shift {shift}.
+- Classes: {len(names)}, named in `model_index.json` under `id2label` (the key diffusers' DiTPipeline uses):
+  {classes}.
+- **The null (unconditional) label is index {unet["num_class_embeds"] - 1}**, the class embedding's last row. It is
+  reserved: requests leave out `class_label` for unconditional samples, and the server feeds this index.
+- Classifier-free guidance: pred = uncond + w (cond - uncond); w = 1 is plain conditional sampling, w = 0
+  unconditional.
+
+## Training
+
+`ddim train --objective flow --name {root.name}` (resumable: run it again to continue), then
+`ddim export --name {root.name} --out model_store/{root.name}`.
+
+- Data: the 60,000 Fashion-MNIST training images (Debian `dataset-fashion-mnist`), 28x28 grey in [-1, 1] on a
+  32x32 black border, random horizontal flips; the 10,000 test images only for evaluation.
+- Objective: MSE to v = eps - x0 at sigma ~ U(0, 1); labels dropped to the null label for
+  {100 * info["class_dropout"]:.0f} % of each batch, so one model serves unconditional and guided sampling.
+- AdamW, lr {info["lr"]}, batch {info["batch_size"]}, EMA {info["ema_decay"]}, seed {info["seed"]}.
+- This export: step {info["step"]} of the planned 8,000 ({info["wall_seconds"] / 3600:.1f} h on 2 shared CPU
+  cores). Training goes on from the same checkpoint.
+- {info["parameters"]:,} parameters.
+
+```json
+{arch}
+```
+
+## Quality
+
+{tables}"""
