@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: install serve test bench lint clean
+.PHONY: install serve test bench lint clean fuzz soak
 
 # The first run downloads torch and the dependencies (pip shows each download); later runs skip this.
 $(STAMP): pyproject.toml
@@ -34,10 +34,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.run
 
+fuzz: $(STAMP)  # schema fuzzing of every operation against a live server (docs/reliability.md)
+	$(BIN)/python -m tests.fuzz --examples 200
+
+soak: $(STAMP)  # 2x this machine's capacity for 5 minutes, loopback only (SOAK_SECONDS=300)
+	$(BIN)/python -m benchmarks.soak --seconds $(or $(SOAK_SECONDS),300)
+
 lint: $(STAMP)
-	$(BIN)/ruff check app tests benchmarks
+	$(BIN)/ruff check app tests benchmarks clients
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -48,19 +48,37 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
     return model
 
 
+def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
+    """The model's prediction for the CLI's loops: with --class-label conditional, guided when w is not 1."""
+    import torch
+
+    if args.class_label is None:
+        return model.eps
+    if not model.conditional:
+        raise SystemExit(f"ddim: error: model {model.name!r} is not class-conditional; leave out --class-label")
+    names = {c.lower(): i for i, c in enumerate(model.class_names)}
+    label = args.class_label.strip().lower()
+    if label not in names and not (label.isdigit() and int(label) < len(names)):
+        raise SystemExit(f"ddim: error: unknown class {args.class_label!r}; valid: {', '.join(model.class_names)}")
+    y = torch.full((n,), names[label] if label in names else int(label), dtype=torch.long)
+    return model.network(y, args.guidance_scale)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from app.images import grid, npy_bytes, pil_images
-    from app.sampling import draw, sample_generators, timestep_sequence
-    from app.sampling.loop import sample
+    from app.sampling import draw, sample_generators
+    from app.sampling.loop import run_plan
 
     model = _load(args)
+    if args.variance == "large" and model.kind != "vp":
+        raise SystemExit(f"ddim: error: --variance large is for VP models only; {model.name!r} is a {model.kind} model")
     gens = sample_generators(args.seed, args.n)
     x_T = draw(gens, model.sample_shape).to(model.device)
-    seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
+    plan = model.plan(args.steps, args.schedule or model.spacings[0], "generate")
     clip = model.clip_sample if args.clip is None else args.clip
-    x0 = sample(model.eps, x_T, model.alphas_cumprod, seq, eta=args.eta, large=args.variance == "large",
-                prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
-                progress=lambda steps: tqdm(steps, desc="sample", leave=False))
+    x0 = run_plan(_network(model, args, args.n), x_T, plan, eta=args.eta, large=args.variance == "large",
+                  prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
+                  progress=lambda steps: tqdm(steps, desc="sample", leave=False))
     images = pil_images(x0)
     (images[0] if len(images) == 1 else grid(images)).save(args.out)  # as the server's PNG: a grid when n > 1
     if args.latents_out:
@@ -74,15 +92,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from app.images import npy_bytes, to_model_space
-    from app.sampling import timestep_sequence
-    from app.sampling.loop import invert
+    from app.sampling.loop import run_plan
 
     model = _load(args)
     x0 = torch.stack([to_model_space(Image.open(p), model.sample_shape) for p in args.images])
-    seq = timestep_sequence(args.steps, model.num_train_timesteps, args.schedule)
-    x_T = invert(model.eps, x0.to(model.device), model.alphas_cumprod, seq,
-                 prediction_type=model.prediction_type,
-                 progress=lambda steps: tqdm(steps, desc="invert", leave=False))
+    plan = model.plan(args.steps, args.schedule or model.spacings[0], "invert")
+    x_T = run_plan(_network(model, args, len(x0)), x0.to(model.device), plan, prediction_type=model.prediction_type,
+                   progress=lambda steps: tqdm(steps, desc="invert", leave=False))
     Path(args.out).write_bytes(npy_bytes(x_T))
     print(f"wrote x_T of shape {tuple(x_T.shape)} to {args.out}")
     return 0
@@ -156,7 +172,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_flow(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.eval.classifier import load_classifier
+    from app.eval.flow import FlowEvalConfig, evaluate_flow, flow_md, model_card
+    from app.models import load_model, pick_device
+
+    torch.set_num_threads(args.threads)
+    store = Path(args.model_store or os.environ.get("DDIM_MODEL_STORE", "model_store"))
+    device = pick_device(args.device)
+    flow, ddpm = (load_model(store / name, device=device) for name in (args.model, args.baseline))
+    cfg = FlowEvalConfig(n=args.n, steps=_ints(args.steps), n_recon=args.n_recon, recon_steps=_ints(args.steps))
+    results = evaluate_flow(flow, ddpm, load_classifier(), cfg)
+    command = (f"ddim eval-flow --model {args.model} --baseline {args.baseline} --n {args.n} --steps {args.steps} "
+               f"--n-recon {args.n_recon} --threads {args.threads} --out {args.out}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    report = flow_md(results, cfg, flow, ddpm, command)
+    Path(args.out).write_text(report)
+    (store / args.model / "README.md").write_text(model_card(store / args.model, report))
+    print(f"wrote {args.out} and {store / args.model / 'README.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from app.sampling.schedules import SPACINGS
+
     p = argparse.ArgumentParser(prog="ddim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -164,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", help="model folder name (default: the store's default model)")
         q.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
         q.add_argument("--steps", type=int, default=50, help="S, the number of sampling steps")
-        q.add_argument("--schedule", default="uniform",
-                       choices=["uniform", "leading", "quadratic", "trailing", "linspace"])
+        q.add_argument("--schedule", choices=SPACINGS,
+                       help="timestep spacing (default: the model's: uniform on VP models, linspace on flow models)")
+        q.add_argument("--class-label", help="class-conditional models: a class name or index (default: none, "
+                       "unconditional)")
+        q.add_argument("--guidance-scale", type=float, default=1.0,
+                       help="classifier-free guidance w (1: plain conditional, 0: unconditional)")
 
     s = sub.add_parser("sample", help="generate a PNG (a grid when n > 1)")
     model_args(s)
@@ -234,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--card", action=argparse.BooleanOptionalAction, default=True,
                    help="write the model card MODEL_STORE/MODEL/README.md")
     q.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("eval-flow", help="the flow model beside the DDPM model: FID by S, guided, class agreement, "
+                       "inversion error")
+    f.add_argument("--model", default="fashion-mnist-flow")
+    f.add_argument("--baseline", default="fashion-mnist")
+    f.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
+    f.add_argument("--n", type=int, default=200, help="samples per cell")
+    f.add_argument("--n-recon", type=int, default=32, help="test images per reconstruction cell")
+    f.add_argument("--steps", default="5,10,20,50,100")
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--out", default="docs/quality-flow.md")
+    f.set_defaults(func=cmd_eval_flow)
     return p
 
 

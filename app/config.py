@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="waiting + active samples per model before 429")
     max_n: int = Field(64, ge=1, description="images per request")
     max_steps: int = Field(1000, ge=1, description="largest S a request may ask for")
+    max_work: int = Field(64_000, ge=1, description="largest n x S of one request, a guided sample counting twice "
+                          "(inversions and reconstructions count their steps too)")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     warmup: bool = True
@@ -54,4 +56,14 @@ class Settings(BaseSettings):
     max_defer_steps: int = Field(32, ge=1, description="short-first: the long rows get a forward of their own "
                                  "at least this often")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    max_request_seconds: float = Field(600.0, gt=0, description="the longest a request or job may take, queueing "
+                                       "included; a request's timeout_s is capped by it")
+    max_jobs: int = Field(1000, ge=1, description="unfinished and retained jobs held at once; past it, 429")
+    job_ttl_seconds: float = Field(600.0, gt=0, description="how long a finished job's result is kept")
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long work in flight may take to finish")
     log_json: bool = True
+    api_keys: str = Field("", description="comma-separated API keys; when set (or api_keys_file), work and job "
+                          "endpoints need Authorization: Bearer <key>")
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one per line (or sha256:<hex digest>)")
+    metrics_auth: bool = Field(False, description="with API keys: /metrics needs a key too")
+    cors_origins: str = Field("", description="comma-separated origins allowed cross-origin access (none by default)")

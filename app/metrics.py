@@ -22,8 +22,8 @@ class Metrics:
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("ddim_queue_depth", "Samples waiting for a batch slot", ["model"], registry=r)
         self.active_samples = Gauge("ddim_active_samples", "Samples in the running batch", ["model"], registry=r)
-        self.batch_size = Histogram("ddim_batch_size", "Samples per eps-network forward", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("ddim_batch_size", "Rows per network forward (a guided sample counts two)",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.forward_seconds = Histogram("ddim_model_forward_seconds", "Time of one eps-network forward",
                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.sample_steps = Counter("ddim_sample_steps", "Sample-steps computed", ["model"], registry=r)
@@ -37,3 +37,15 @@ class Metrics:
                                 registry=r)
         self.ready = Gauge("ddim_ready", "1 once every model is loaded and warmed up", registry=r)
         self.startup_seconds = Gauge("ddim_startup_seconds", "Time from start to ready", registry=r)
+        self.failures = Counter("ddim_failures", "Requests failed by a fault of the model or the worker (cause: "
+                                "forward_error, non_finite, worker_restart), and forwards retried in halves "
+                                "(out_of_memory_retry)", ["model", "cause"], registry=r)
+        self.jobs = Gauge("ddim_jobs", "Jobs held in the job store, by status", ["status"], registry=r)
+        self.job_result_bytes = Gauge("ddim_job_result_bytes", "Memory held by retained job results", registry=r)
+        self.cancelled = Counter("ddim_requests_cancelled", "Requests and jobs cancelled before they finished "
+                                 "(DELETE /jobs/{id}, or the client went away)", ["model"], registry=r)
+        self.deadline_expired = Counter("ddim_deadline_expired", "Requests and jobs that passed their deadline",
+                                        ["model"], registry=r)
+        self.first_progress = Histogram("ddim_time_to_first_progress_seconds", "From submission to the first "
+                                        "progress event (the first finished step)", ["model"],
+                                        buckets=LATENCY_BUCKETS, registry=r)

@@ -80,7 +80,8 @@ class RequestMiddleware:
     def _record(self, path: str, state: dict[str, Any], status: int, request_id: str, seconds: float) -> None:
         model = state.get("model", "")
         self.metrics.request_duration.labels(path.strip("/"), model, str(status)).observe(seconds)
-        fields = {"request_id": request_id, "endpoint": path, "model": model, **state.get("params", {}),
+        fields = {"request_id": request_id, "endpoint": path, "model": model, "key_id": state.get("key_id"),
+                  **state.get("params", {}),
                   "status": status, "queue_seconds": round(state.get("queue_seconds", 0.0), 6),
                   "total_seconds": round(seconds, 6)}
         log.info("request", extra={"fields": fields})

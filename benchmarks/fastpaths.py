@@ -71,14 +71,14 @@ def engine_loop(store: Path, batch: int, dtype: str, channels_last: bool, keep_f
     from app.engine.client import Engine
     from app.engine.jobs import SampleJob
     from app.metrics import Metrics
-    from app.sampling import draw, sample_generators, timestep_sequence
+    from app.sampling import draw, sample_generators
 
     engine = Engine(Settings(model_store=store, dtype=dtype, channels_last=channels_last,
                              keep_freed_memory=keep_freed, max_batch_size=batch), Metrics())
     engine.load()
     m = engine.model(None)
     worker = engine.workers[m.name]
-    seq, seeds = timestep_sequence(steps, m.num_train_timesteps, "uniform"), iter(range(10**9))
+    seq, seeds = m.plan(steps, "uniform", "generate"), iter(range(10**9))
 
     def submit(_: object = None) -> None:
         job = SampleJob("generate", draw(sample_generators(next(seeds), 1), m.sample_shape), seq)

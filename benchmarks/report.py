@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.features import FEATURES_JSON, report_lines
+
 NOTES = """## How to read these numbers
 
 - **Noise, and pairing.** This 2-core virtual machine's speed drifts by 5–10 % over tens of
@@ -259,7 +261,7 @@ def write_report(results: dict[str, Any], out: Path, studies: list[str] | None =
         lines += _quality(results["quality"], results.get("quality_from"))
     for r in results["models"]:
         lines += _model(r)
-    lines += [*(studies or []), NOTES, CUDA_NOTE]
+    lines += [*report_lines(FEATURES_JSON), *(studies or []), NOTES, CUDA_NOTE]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
 

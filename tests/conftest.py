@@ -55,3 +55,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             if os.environ.get("DDIM_REQUIRE_DATASETS") == "1":
                 pytest.fail(f"DDIM_REQUIRE_DATASETS=1 but the {reason}", pytrace=False)
             pytest.skip(reason)
+
+
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+TINY_CLASSES = ["cat", "dog", "ankle boot"]
+
+
+@pytest.fixture(scope="session")
+def cond_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store of class-conditional models, 'tiny-flow' (rectified flow, shift 3) and 'tiny-cond' (VP, eps), each
+    with three named classes plus the null label, and an unconditional flow model, 'tiny-plain-flow'."""
+    store = tmp_path_factory.mktemp("cond_store")
+    unet = {**TINY_UNET, "num_class_embeds": len(TINY_CLASSES) + 1}
+    random_model_folder(store / "tiny-flow", unet, FLOW_SCHEDULER, seed=2, class_names=TINY_CLASSES)
+    random_model_folder(store / "tiny-cond", unet, LINEAR_SCHEDULER, seed=3, class_names=TINY_CLASSES)
+    random_model_folder(store / "tiny-plain-flow", TINY_UNET, FLOW_SCHEDULER, seed=4)
+    return store

@@ -29,6 +29,14 @@ def running_server(model_store: Path, *, ready_timeout: float = 120.0, plain: bo
     plain: run the plain path (float32, contiguous), so that exact comparisons hold on every CPU;
     plain=False keeps the server's own defaults (its fast path), as tests/api/test_fast_server.py does.
     """
+    with server_process(model_store, ready_timeout=ready_timeout, plain=plain, wait_for=wait_for, **env) as (url, _):
+        yield url
+
+
+@contextmanager
+def server_process(model_store: Path, *, ready_timeout: float = 120.0, plain: bool = True,
+                   wait_for: str = "/readyz", **env: str) -> Iterator[tuple[str, subprocess.Popen]]:  # type: ignore[type-arg]
+    """As running_server, yielding (base URL, the process) for tests that signal it."""
     port = free_port()
     pins = {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false"} if plain else {}
     environ = {**os.environ, "DDIM_MODEL_STORE": str(model_store), "OMP_NUM_THREADS": "1", "DDIM_THREADS": "1",
@@ -51,7 +59,7 @@ def running_server(model_store: Path, *, ready_timeout: float = 120.0, plain: bo
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ddim-serve: {wait_for} not 200 after {ready_timeout} s")
             time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
         stop(proc)
         log.close()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from app.engine.client import InvalidRequest
+from app.engine.errors import InvalidRequest, PayloadTooLarge
 from app.images import from_npy_bytes, to_model_space
 
 
@@ -18,11 +18,7 @@ from app.images import from_npy_bytes, to_model_space
 # decompression-bomb check, so that every image over it gets the same message, whatever its size.
 Image.MAX_IMAGE_PIXELS = None
 
-
-class PayloadTooLarge(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+__all__ = ["PayloadTooLarge", "b64decode", "b64encode", "decode_image", "decode_npy"]
 
 
 def b64decode(data: str, field: str) -> bytes:

@@ -11,8 +11,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.codecs import PayloadTooLarge
-from app.engine.client import InvalidRequest, UnknownModel
-from app.engine.jobs import EngineError, QueueFull
+from app.engine.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    ShuttingDown,
+    UnknownModel,
+)
 from app.middleware import ENDPOINTS
 
 log = logging.getLogger(__name__)
@@ -78,10 +84,19 @@ def install(app: FastAPI) -> None:
         _reject(request, "unknown_model")
         return error_response(404, [{"field": "model", "msg": str(exc), "type": "not_found"}])
 
-    @app.exception_handler(QueueFull)
-    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
+    @app.exception_handler(Overloaded)
+    async def _full(request: Request, exc: Overloaded) -> JSONResponse:
         _reject(request, "queue_full")
-        return error_response(429, str(exc), {"Retry-After": str(round(exc.retry_after))})
+        return error_response(429, str(exc), {"Retry-After": str(max(1, round(exc.retry_after)))})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return error_response(504, str(exc))
+
+    @app.exception_handler(ShuttingDown)
+    async def _draining(request: Request, exc: ShuttingDown) -> JSONResponse:
+        _reject(request, "shutting_down")
+        return error_response(503, str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:

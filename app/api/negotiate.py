@@ -6,7 +6,7 @@ from fastapi import Request
 
 from app.api.errors import NotAcceptable
 
-JSON, PNG, GIF, NPY = "application/json", "image/png", "image/gif", "application/x-npy"
+JSON, PNG, GIF, NPY, SSE = "application/json", "image/png", "image/gif", "application/x-npy", "text/event-stream"
 
 
 def negotiate(request: Request, offered: list[str]) -> str:
@@ -28,7 +28,7 @@ def negotiate(request: Request, offered: list[str]) -> str:
             continue
         for rank, kind in enumerate(offered):
             major = kind.split("/")[0]
-            if media in (kind, "*/*", f"{major}/*"):
+            if media == kind or (kind != SSE and media in ("*/*", f"{major}/*")):  # a stream only when asked for
                 key = (q, -rank, kind)
                 if best is None or key > best:
                     best = key

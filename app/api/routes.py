@@ -1,53 +1,60 @@
-"""HTTP routes: parse, hand to the engine, encode. No sampling logic lives here."""
+"""HTTP routes: validate, negotiate, call the engine client, encode. No sampling or orchestration lives here."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from math import prod
 from typing import Annotated, Any, TypeVar
 
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.codecs import b64decode, b64encode, decode_image, decode_npy
+from app.api import render
+from app.api.codecs import b64decode, decode_image, decode_npy
 from app.api.errors import ClientGone, NotReady
-from app.api.negotiate import GIF, JSON, NPY, PNG, negotiate
-from app.api.schemas import (
-    BINARY, ERROR_RESPONSES, Endpoint, ErrorResponse, GenerateRequest, GenerateResponse, InterpolateRequest,
-    InterpolateResponse, InvertRequest, InvertResponse, invert_request_body,
-)
+from app.api.negotiate import SSE, negotiate
+from app.api.schemas import Endpoint, ErrorResponse, GenerateRequest, InterpolateRequest, InvertRequest
 from app.config import Settings
-from app.engine.client import Engine, InvalidRequest
-from app.engine.jobs import SampleJob
-from app.images import gif_bytes, grid, npy_bytes, pil_images, png_bytes
+from app.engine.client import Engine
+from app.engine.errors import InvalidRequest
+from app.engine.handle import RequestHandle
+from app.engine.tasks import End, GenerateWork, InterpolateWork, InvertWork, Work
 from app.models import LoadedModel
-from app.sampling import draw, sample_generators
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 # async: FastAPI runs a plain-def dependency in its thread pool, which would cost each request two
 # thread hops (and wake-ups beside the eps-network's threads) for an attribute lookup
 async def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
-    if not engine.ready:
-        raise NotReady(engine.error or "models are still loading")
+    health = engine.health()
+    if not health["ready"]:
+        raise NotReady("the server is shutting down" if health["draining"] else
+                       health["error"] or "models are still loading")
     return engine
 
 
 async def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
-T = TypeVar("T")
-INLINE_ELEMENTS = 4 * 32 * 32 * 3  # up to four 32x32 RGB images are encoded on the event loop itself
 EngineDep = Annotated[Engine, Depends(_engine)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+
+
+async def _offload(small: bool, fn: Callable[..., T], *args: Any) -> T:
+    """CPU work off the event loop, in a worker thread; work on a few small images runs inline, where the
+    thread hop would cost more than the work (and, on few cores, steal more from the eps-network)."""
+    return fn(*args) if small else await asyncio.to_thread(fn, *args)
 
 
 def _model(engine: Engine, request: Request, name: str | None) -> LoadedModel:
@@ -56,39 +63,15 @@ def _model(engine: Engine, request: Request, name: str | None) -> LoadedModel:
     return model
 
 
-async def _run(engine: Engine, request: Request, model: LoadedModel, job: SampleJob) -> torch.Tensor:
-    """Run a job, cancelling it if the client goes away; its queue time adds to the request's log line."""
-    run = asyncio.ensure_future(engine.run(model, job))
-    gone = asyncio.ensure_future(_disconnect(request))  # waits on the connection; no polling
-    try:
-        await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not run.done():
-        run.cancel()  # engine.run cancels the job in the worker
-        await asyncio.gather(run, return_exceptions=True)
-        raise ClientGone()
-    result = run.result()
-    request.state.queue_seconds = getattr(request.state, "queue_seconds", 0.0) + result.queue_seconds
-    return result.x
+def _owner(request: Request) -> str | None:
+    return getattr(request.state, "key_id", None)
 
 
-async def _offload(small: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """CPU work off the event loop, in a worker thread; work on a few small images runs inline, where the
-    thread hop would cost more than the work (and, on few cores, steal more from the eps-network)."""
-    return fn(*args, **kwargs) if small else await asyncio.to_thread(fn, *args, **kwargs)
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", ""))
 
 
-async def _disconnect(request: Request) -> None:
-    """Returns when the client hangs up (the body is read by now, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        await asyncio.sleep(0.5)  # a server that answers with more (empty) body messages: poll slowly
-
-
-def _png_list(x: torch.Tensor) -> list[str]:
-    return [b64encode(png_bytes(im)) for im in pil_images(x)]
-
-
+# -- health and models ---------------------------------------------------------------------------
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -97,57 +80,188 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"model": ErrorResponse, "description": "not ready yet"}})
 async def readyz(request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
-    if not engine.ready:
-        raise NotReady(engine.error or "models are still loading")
-    return {"status": "ready", "models": sorted(engine.models)}
+    health = engine.health()
+    if not health["ready"]:
+        return JSONResponse({"detail": "the server is shutting down" if health["draining"] else
+                             health["error"] or "models are still loading"}, status_code=503,
+                            headers={"Retry-After": "5"})  # type: ignore[return-value]
+    return {"status": "ready", "models": health["models"]}
 
 
 @router.get("/models", responses={503: {"model": ErrorResponse, "description": "not ready yet"}})
 async def models(engine: EngineDep) -> dict[str, Any]:
-    out = []
-    for name, m in sorted(engine.models.items()):
-        waiting, active = engine.workers[name].load
-        out.append({**m.info(), "default": name == engine.default_name, "waiting": waiting, "active": active})
-    return {"models": out}
+    return {"models": engine.stats()}
 
 
-def _generate_response(accept: str, out: dict[str, Any], x_T: torch.Tensor, x_0: torch.Tensor,
-                       return_latents: bool) -> Any:
-    """Encode a generation (CPU work: run it off the event loop)."""
-    if accept == PNG:
-        images = pil_images(x_0)
-        return Response(png_bytes(images[0] if len(images) == 1 else grid(images)), media_type=PNG)
-    if accept == NPY:
-        return Response(npy_bytes(x_0), media_type=NPY)
-    out["images"] = _png_list(x_0)
-    if return_latents:
-        out["x_T"], out["x_0"] = b64encode(npy_bytes(x_T)), b64encode(npy_bytes(x_0))
-    return out
+# -- reading a handle ----------------------------------------------------------------------------
+async def _disconnect(request: Request) -> None:
+    """Returns when the client hangs up (the body is read by now, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.5)  # a server that answers with more (empty) body messages: poll slowly
 
 
-@router.post("/generate", responses={**ERROR_RESPONSES, 200: {"model": GenerateResponse,
-                                                                "content": {PNG: BINARY, NPY: BINARY}}})
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
-    accept = negotiate(request, [JSON, PNG, NPY])
-    request.state.params = {"n": body.n, "steps": body.steps, "eta": body.eta}
-    model = _model(engine, request, body.model)
-    if body.n > settings.max_n:
-        raise InvalidRequest("n", f"n must be at most {settings.max_n} on this server")
+async def _await(request: Request, handle: RequestHandle) -> Any:
+    """The handle's outcome; the client hanging up cancels it (499)."""
+    result = asyncio.ensure_future(handle.result())
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not result.done():
+        handle.cancel()
+        await asyncio.gather(result, return_exceptions=True)
+        raise ClientGone()
+    request.state.queue_seconds = handle.queue_seconds
+    return result.result()
+
+
+def _stream(request: Request, handle: RequestHandle, *, cancel_on_disconnect: bool) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in handle.events():
+                yield await render.sse_event(event, handle)
+        finally:
+            if cancel_on_disconnect and not handle.finished:  # a synchronous request's client went away
+                handle.cancel()
+    return StreamingResponse(body(), media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _answer(request: Request, engine: Engine, work: Work, body: Any, offered: list[str]) -> Any:
+    """Submit, then answer with the result in the negotiated type, or stream the events."""
+    accept = negotiate(request, [*offered, SSE])
+    handle = engine.submit(work, timeout_s=body.timeout_s, owner=_owner(request), request_id=_request_id(request))
+    handle.meta.update(render.options(body))
+    if accept == SSE:
+        return _stream(request, handle, cancel_on_disconnect=True)
+    outcome = await _await(request, handle)
+    return await _offload(render.is_small(outcome), render.response, handle, outcome, accept)
+
+
+# -- the work endpoints --------------------------------------------------------------------------
+def _generate_work(body: GenerateRequest) -> GenerateWork:
     x_T = decode_npy(body.x_T, "x_T") if body.x_T is not None else None
-    small = body.n * prod(model.sample_shape) <= INLINE_ELEMENTS
-    job, seed = await _offload(
-        small, engine.generate_job, model, n=body.n, steps=body.steps, eta=body.eta, large=body.variance == "large",
-        schedule=body.schedule, seed=body.seed, x_T=x_T, clip=body.clip_denoised)
-    start = job.x.clone()
-    x_0 = await _run(engine, request, model, job)
-    out = {"model": model.name, "seed": seed, "n": body.n, "steps": body.steps, "eta": body.eta,
-           "variance": body.variance, "schedule": body.schedule}
-    return await _offload(small, _generate_response, accept, out, start, x_0, body.return_latents)
+    return GenerateWork(model=body.model, n=body.n, steps=body.steps, eta=body.eta, variance=body.variance,
+                        schedule=body.schedule, seed=body.seed, x_T=x_T, clip_denoised=body.clip_denoised,
+                        class_label=body.class_label, guidance_scale=body.guidance_scale,
+                        preview_every=body.preview_every)
 
 
+async def _invert_work(request: Request, engine: Engine, settings: Settings) -> tuple[InvertRequest, InvertWork]:
+    body, raws, field = await _invert_request(request)
+    model = _model(engine, request, body.model)
+    if len(raws) > settings.max_n:
+        raise InvalidRequest(field, f"at most {settings.max_n} images per request on this server")
+    small = len(raws) * prod(model.sample_shape) <= render.INLINE_ELEMENTS
+    images = await _offload(small, _decode_images, raws, field, model, settings.max_image_pixels)
+    return body, InvertWork(model=body.model, images=images, steps=body.steps, schedule=body.schedule,
+                            class_label=body.class_label, guidance_scale=body.guidance_scale,
+                            preview_every=body.preview_every, return_reconstruction=body.return_reconstruction)
+
+
+async def _interpolate_work(request: Request, engine: Engine, settings: Settings,
+                            body: InterpolateRequest) -> InterpolateWork:
+    model = _model(engine, request, body.model)
+    start, end = [await asyncio.to_thread(_end, model, e, name, settings.max_image_pixels)
+                  for e, name in ((body.start, "start"), (body.end, "end"))]
+    return InterpolateWork(model=body.model, start=start, end=end, frames=body.frames, steps=body.steps,
+                           schedule=body.schedule, method=body.method, class_label=body.class_label,
+                           guidance_scale=body.guidance_scale, preview_every=body.preview_every)
+
+
+@router.post("/generate", responses=render.RESPONSES["generate"])
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep) -> Any:
+    request.state.params = {"n": body.n, "steps": body.steps, "eta": body.eta}
+    _model(engine, request, body.model)
+    return await _answer(request, engine, _generate_work(body), body, render.OFFERED["generate"])
+
+
+@router.post("/invert", responses=render.RESPONSES["invert"], openapi_extra=render.INVERT_BODY)
+async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    negotiate(request, [*render.OFFERED["invert"], SSE])  # a 406 before the upload is decoded
+    body, work = await _invert_work(request, engine, settings)
+    request.state.params = {"n": int(work.images.shape[0]), "steps": body.steps, "eta": 0.0}
+    return await _answer(request, engine, work, body, render.OFFERED["invert"])
+
+
+@router.post("/interpolate", responses=render.RESPONSES["interpolate"])
+async def interpolate(body: InterpolateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    negotiate(request, [*render.OFFERED["interpolate"], SSE])
+    request.state.params = {"n": body.frames, "steps": body.steps, "eta": 0.0}
+    work = await _interpolate_work(request, engine, settings, body)
+    return await _answer(request, engine, work, body, render.OFFERED["interpolate"])
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+def _accepted(engine: Engine, request: Request, work: Work, body: Any) -> JSONResponse:
+    handle = engine.submit(work, timeout_s=body.timeout_s, owner=_owner(request), retain=True,
+                           request_id=_request_id(request))
+    handle.meta.update(render.options(body))
+    return JSONResponse(handle.state(), status_code=202, headers={"Location": f"/jobs/{handle.id}"})
+
+
+@router.post("/jobs/generate", status_code=202, responses=render.JOB_RESPONSES)
+async def job_generate(body: GenerateRequest, request: Request, engine: EngineDep) -> JSONResponse:
+    _model(engine, request, body.model)
+    return _accepted(engine, request, _generate_work(body), body)
+
+
+@router.post("/jobs/invert", status_code=202, responses=render.JOB_RESPONSES, openapi_extra=render.INVERT_BODY)
+async def job_invert(request: Request, engine: EngineDep, settings: SettingsDep) -> JSONResponse:
+    body, work = await _invert_work(request, engine, settings)
+    return _accepted(engine, request, work, body)
+
+
+@router.post("/jobs/interpolate", status_code=202, responses=render.JOB_RESPONSES)
+async def job_interpolate(body: InterpolateRequest, request: Request, engine: EngineDep,
+                          settings: SettingsDep) -> JSONResponse:
+    return _accepted(engine, request, await _interpolate_work(request, engine, settings, body), body)
+
+
+def _job(engine: Engine, request: Request, job_id: str) -> RequestHandle:
+    handle = engine.jobs.get(job_id, _owner(request))
+    if handle is None:
+        raise StarletteHTTPException(404, f"no job {job_id!r} (unknown, or its result expired)")
+    return handle
+
+
+@router.get("/jobs/{job_id}", responses={404: render.ERROR})
+async def job_state(job_id: str, request: Request, engine: EngineDep) -> dict[str, Any]:
+    return _job(engine, request, job_id).state()
+
+
+@router.get("/jobs/{job_id}/result", responses=render.RESULT_RESPONSES)
+async def job_result(job_id: str, request: Request, engine: EngineDep) -> Any:
+    handle = _job(engine, request, job_id)
+    accept = negotiate(request, render.OFFERED[handle.task])
+    if not handle.finished:
+        raise StarletteHTTPException(409, f"job {job_id} is {handle.status}; its result is not ready")
+    if handle.status == "cancelled":
+        raise StarletteHTTPException(409, f"job {job_id} was cancelled; it has no result")
+    outcome = await handle.result() if handle.status == "succeeded" else None
+    if outcome is None:
+        state = handle.state()["error"]
+        return JSONResponse({"detail": state["detail"]}, status_code=state["status"])
+    return await _offload(render.is_small(outcome), render.response, handle, outcome, accept)
+
+
+@router.delete("/jobs/{job_id}", responses={404: render.ERROR})
+async def job_cancel(job_id: str, request: Request, engine: EngineDep) -> dict[str, Any]:
+    handle = _job(engine, request, job_id)
+    if handle.cancel():
+        await asyncio.gather(handle.result(), return_exceptions=True)
+    return handle.state()
+
+
+@router.get("/jobs/{job_id}/events", responses=render.EVENT_RESPONSES)
+async def job_events(job_id: str, request: Request, engine: EngineDep) -> StreamingResponse:
+    return _stream(request, _job(engine, request, job_id), cancel_on_disconnect=False)
+
+
+# -- payload decoding ------------------------------------------------------------------------------
 async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes], str]:
-    """JSON {images: [base64]} or a multipart form with files (other fields as form fields); also returns the name
-    the client gave the images (images or files), so that errors name the field the client used."""
+    """JSON {images: [base64]} or a multipart form with files (other fields as form fields); returns the body, the
+    raw images and the field the client used for them."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         try:
             async with request.form() as form:
@@ -158,13 +272,15 @@ async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes],
             raise InvalidRequest("files", f"the multipart form cannot be read ({getattr(e, 'detail', e)})") from e
         if len(files) < len(uploads):
             raise InvalidRequest("files", "files must be file uploads (curl -F files=@image.png), not text fields")
+        if not files:
+            raise InvalidRequest("files", "the multipart form has no files: send each image as a 'files' part")
         data: Any = {**fields, "images": ["-"] * len(files)}
         field = "files"
     else:
         raw = await request.body()
         if not raw.strip():
-            raise InvalidRequest("body", 'the body is empty: send JSON {"images": [base64 PNG or JPEG, ...]} '
-                                         "or a multipart form with files")
+            raise InvalidRequest("body", "the body is empty: send JSON {\"images\": [base64 PNG or JPEG, ...]} or a "
+                                         "multipart form with 'files'")
         try:
             data = json.loads(raw)
         except ValueError as e:
@@ -175,88 +291,20 @@ async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes],
     except ValidationError as e:  # multipart: the client sent files, not images
         raise RequestValidationError([{**err, "loc": (field, *err["loc"][1:]) if err["loc"][:1] == ("images",)
                                        else err["loc"]} for err in e.errors()]) from e
-    raws = files if files is not None else [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)]
-    return body, raws, field
+    if files is not None:
+        return body, files, "files"
+    return body, [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)], "images"
 
 
 def _decode_images(raws: list[bytes], field: str, model: LoadedModel, max_pixels: int) -> torch.Tensor:
-    """images and files are lists, whose errors name the item (images.0); an interpolation end names its field."""
-    listed = field in ("images", "files")
-    return torch.stack([decode_image(r, f"{field}.{i}" if listed else field, model.sample_shape, max_pixels)
-                        for i, r in enumerate(raws)])
+    return torch.stack([decode_image(r, f"{field}.{i}", model.sample_shape, max_pixels) for i, r in enumerate(raws)])
 
 
-@router.post("/invert", openapi_extra=invert_request_body(),
-             responses={**ERROR_RESPONSES, 200: {"model": InvertResponse, "content": {NPY: BINARY}}})
-async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
-    accept = negotiate(request, [JSON, NPY])
-    body, raws, field = await _invert_request(request)
-    request.state.params = {"n": len(raws), "steps": body.steps, "eta": 0.0}
-    model = _model(engine, request, body.model)
-    if len(raws) > settings.max_n:
-        raise InvalidRequest(field, f"at most {settings.max_n} images per request on this server")
-    images = await asyncio.to_thread(_decode_images, raws, field, model, settings.max_image_pixels)
-    x_T = await _run(engine, request, model, engine.invert_job(model, images, steps=body.steps,
-                                                               schedule=body.schedule))
-    if accept == NPY:
-        return Response(npy_bytes(x_T), media_type=NPY)
-    out: dict[str, Any] = {"model": model.name, "steps": body.steps, "schedule": body.schedule,
-                           "x_T": b64encode(npy_bytes(x_T))}
-    if body.return_reconstruction:
-        # the inversion never clips, so neither does its round trip (clipping x0 breaks the ODE's symmetry)
-        job, _ = engine.generate_job(model, n=len(raws), steps=body.steps, eta=0.0, large=False,
-                                     schedule=body.schedule, seed=None, x_T=x_T, clip=False, endpoint=None)
-        rec = await _run(engine, request, model, job)
-        mse = (((rec.clamp(-1, 1) - images) / 2) ** 2).flatten(1).mean(1)
-        out["reconstruction"] = await asyncio.to_thread(_png_list, rec)
-        out["reconstruction_mse"] = mse.tolist()
-    return out
-
-
-def _end_input(engine: Engine, model: LoadedModel, end: Endpoint, field: str, max_pixels: int) -> torch.Tensor:
-    """Decode and check one end: a latent [C, H, W] (seed or x_T), or an image [1, C, H, W] to invert."""
+def _end(model: LoadedModel, end: Endpoint, field: str, max_pixels: int) -> End:
+    """Decode one end of an interpolation: a seed, a latent x_T, or an image to invert."""
     if end.seed is not None:
-        return draw(sample_generators(end.seed, 1), model.sample_shape)[0]
+        return End(seed=end.seed)
     if end.x_T is not None:
-        x = decode_npy(end.x_T, f"{field}.x_T")
-        return engine.check_latents(model, x[None] if x.dim() == 3 else x, 1, f"{field}.x_T")[0]
-    raw = b64decode(str(end.image), f"{field}.image")
-    return _decode_images([raw], f"{field}.image", model, max_pixels)
-
-
-def _interpolate_response(accept: str, out: dict[str, Any], frames: torch.Tensor, latents: torch.Tensor,
-                          return_latents: bool) -> Any:
-    images = pil_images(frames)
-    if accept == GIF:
-        return Response(gif_bytes(images), media_type=GIF)
-    if accept == PNG:
-        return Response(png_bytes(grid(images, ncols=len(images))), media_type=PNG)
-    out["images"] = [b64encode(png_bytes(im)) for im in images]
-    if return_latents:
-        out["x_T"] = b64encode(npy_bytes(latents))
-    return out
-
-
-@router.post("/interpolate", responses={**ERROR_RESPONSES, 200: {"model": InterpolateResponse,
-                                                                   "content": {GIF: BINARY, PNG: BINARY}}})
-async def interpolate(body: InterpolateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
-    accept = negotiate(request, [JSON, GIF, PNG])
-    request.state.params = {"n": body.frames, "steps": body.steps, "eta": 0.0}
-    model = _model(engine, request, body.model)
-    if body.frames > settings.max_n:
-        raise InvalidRequest("frames", f"frames must be at most {settings.max_n} on this server")
-    engine.check_steps(model, body.steps, body.schedule)
-    # both ends are decoded and checked before any work is queued
-    ends = [await asyncio.to_thread(_end_input, engine, model, end, field, settings.max_image_pixels)
-            for end, field in ((body.start, "start"), (body.end, "end"))]
-    jobs = {i: engine.invert_job(model, x, steps=body.steps, schedule=body.schedule, endpoint=None)
-            for i, x in enumerate(ends) if x.dim() == 4}
-    inverted = await asyncio.gather(*(_run(engine, request, model, j) for j in jobs.values()))
-    x0, x1 = (dict(zip(jobs, (x[0] for x in inverted))).get(i, ends[i]) for i in (0, 1))
-    latents = engine.interpolate(x0, x1, body.frames, body.method)
-    job, _ = engine.generate_job(model, n=body.frames, steps=body.steps, eta=0.0, large=False, schedule=body.schedule,
-                                 seed=None, x_T=latents, endpoint="interpolate")
-    frames = await _run(engine, request, model, job)
-    out = {"model": model.name, "frames": body.frames, "steps": body.steps, "schedule": body.schedule,
-           "method": body.method}
-    return await asyncio.to_thread(_interpolate_response, accept, out, frames, latents, body.return_latents)
+        return End(x_T=decode_npy(end.x_T, f"{field}.x_T"))
+    return End(image=decode_image(b64decode(str(end.image), f"{field}.image"), f"{field}.image", model.sample_shape,
+                                  max_pixels))

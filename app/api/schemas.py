@@ -2,36 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from app.engine.tasks import Spacing
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Schedule = Literal["uniform", "leading", "quadratic", "trailing", "linspace"]
+Schedule = Spacing  # the schedule names: one definition, in app/sampling/schedules.py, passed on by the engine
 SEED_MAX = 2**62
+ClassLabel = Annotated[int, Field(ge=0)] | str
+SCHEDULE_DOC = ("timestep spacing; default: the model's (uniform on VP models; linspace, diffusers' "
+                "FlowMatchEulerDiscreteScheduler timesteps, on flow models, which offer only that)")
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class GenerateRequest(_Body):
+class _Work(_Body):
+    timeout_s: float | None = Field(None, gt=0, description="give up after this many seconds, queueing included "
+                                    "(504, or a failed job); capped by the server's DDIM_MAX_REQUEST_SECONDS")
+    preview_every: int = Field(0, ge=0, description="with an event stream: a preview of the predicted x0 every k "
+                               "steps (base64 PNG, a grid when n > 1); 0: none")
+
+
+class _Guided(_Work):
+    class_label: ClassLabel | list[ClassLabel] | None = Field(
+        None, description="class-conditional models: a class index or name (any case), or a list with one per "
+        "image; omitted: unconditional samples. /models lists each model's classes")
+    guidance_scale: float = Field(1.0, ge=0.0, le=20.0, description="classifier-free guidance w: the prediction "
+                                  "is uncond + w (cond - uncond); 1 = plain conditional, 0 = unconditional")
+
+
+class GenerateRequest(_Guided):
     model: str | None = Field(None, description="model name; the server's default if omitted")
     n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
     steps: int = Field(50, ge=1, description="S, the number of sampling steps")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="0 = DDIM (deterministic), 1 = DDPM")
-    variance: Literal["eta", "large"] = Field("eta", description="large: the paper's sigma-hat (DDPM fixed_large)")
-    schedule: Schedule = "uniform"
+    variance: Literal["eta", "large"] = Field("eta", description="large: the paper's sigma-hat (DDPM fixed_large; "
+                                              "VP models only)")
+    schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="chosen at random and echoed back if omitted")
     x_T: str | None = Field(None, description="start latents: base64 .npy, float32, shape (n, C, H, W)")
     clip_denoised: bool | None = Field(None, description="clip predicted x0 to [-1, 1]; default: the model's")
     return_latents: bool = False
 
 
-class InvertRequest(_Body):
+class InvertRequest(_Guided):
     model: str | None = None
     images: list[str] = Field(..., min_length=1, description="base64 PNG or JPEG images")
     steps: int = Field(50, ge=1)
-    schedule: Schedule = "uniform"
+    schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     return_reconstruction: bool = False
 
 
@@ -50,13 +70,13 @@ class Endpoint(_Body):
         return self
 
 
-class InterpolateRequest(_Body):
+class InterpolateRequest(_Guided):
     model: str | None = None
     start: Endpoint
     end: Endpoint
     frames: int = Field(8, ge=2)
     steps: int = Field(50, ge=1)
-    schedule: Schedule = "uniform"
+    schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     method: Literal["slerp", "lerp"] = "slerp"
     return_latents: bool = False
 
@@ -71,6 +91,8 @@ class GenerateResponse(BaseModel):
     eta: float
     variance: str
     schedule: str
+    class_label: list[str] | None = Field(None, description="conditional models: the class of each image, by name")
+    guidance_scale: float | None = Field(None, description="conditional models: w")
     images: list[str] = Field(description="base64 PNGs, one per sample")
     x_T: str | None = Field(None, description="with return_latents: the start latents, base64 .npy")
     x_0: str | None = Field(None, description="with return_latents: the final samples, base64 .npy")
@@ -80,6 +102,8 @@ class InvertResponse(BaseModel):
     model: str
     steps: int
     schedule: str
+    class_label: list[str] | None = Field(None, description="conditional models: the class of each image, by name")
+    guidance_scale: float | None = Field(None, description="conditional models: w")
     x_T: str = Field(description="the inverted latents, base64 .npy, float32 (n, C, H, W)")
     reconstruction: list[str] | None = Field(None, description="with return_reconstruction: base64 PNGs")
     reconstruction_mse: list[float] | None = Field(None, description="per image, pixels in [0, 1]")
@@ -91,6 +115,8 @@ class InterpolateResponse(BaseModel):
     steps: int
     schedule: str
     method: str
+    class_label: list[str] | None = Field(None, description="conditional models: the class of each image, by name")
+    guidance_scale: float | None = Field(None, description="conditional models: w")
     images: list[str] = Field(description="base64 PNGs, one per frame")
     x_T: str | None = Field(None, description="with return_latents: the frames' latents, base64 .npy")
 
@@ -106,10 +132,11 @@ class ErrorResponse(BaseModel):
 
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-_ERRORS = {422: "invalid input", 404: "unknown model", 406: "an Accept this endpoint cannot produce",
-           413: "body or image too large", 429: "the model's queue is full (Retry-After)",
-           499: "the client disconnected", 500: "internal error (the detail names the request id)",
-           503: "models not ready yet (Retry-After)"}
+_ERRORS = {422: "invalid input; detail names the field", 404: "unknown model or job",
+           406: "an Accept this endpoint cannot produce", 413: "body or image too large",
+           429: "the model's queue or the job store is full (Retry-After)", 499: "the client disconnected",
+           500: "internal error (the detail names the request id)",
+           503: "not ready yet, or shutting down (Retry-After)", 504: "deadline exceeded (timeout_s)"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
 

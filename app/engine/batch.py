@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.jobs import SampleJob
-from app.sampling import alpha_at, step_sigmas
+from app.sampling import StepCoefficients, coefficient_dtype, step_coefficients
 
 
 @dataclass
@@ -21,49 +21,73 @@ class Row:
     index: int
 
 
-class ActiveBatch:
-    """x [B, C, H, W] plus each row's path, position, eta, variance kind and clipping."""
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(t, (0, width - t.shape[-1]), value=0)
 
-    def __init__(self, alphas_cumprod: torch.Tensor, device: torch.device) -> None:
+
+class ActiveBatch:
+    """x [B, C, H, W] plus each row's plan (levels a, s and network timesteps), position, eta, variance kind,
+    clipping, class label and guidance scale."""
+
+    PER_ROW = ("a", "s", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "labels", "w", "guided")
+
+    def __init__(self, device: torch.device, null_class: int | None = None) -> None:
         self.device = device
-        self.coef_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self.alphas_cumprod = alphas_cumprod.to(device, self.coef_dtype)
+        self.null_class = null_class
+        self.coef_dtype = coefficient_dtype(device)
         self.rows: list[Row] = []
         self.x: torch.Tensor | None = None
-        self.levels = torch.empty(0, 1, dtype=torch.long, device=device)
-        self.model_t = torch.empty(0, 1, dtype=torch.long, device=device)
-        self.pos = torch.empty(0, dtype=torch.long, device=device)
-        self.n_steps = torch.empty(0, dtype=torch.long, device=device)
-        self.eta = torch.empty(0, dtype=self.coef_dtype, device=device)
-        self.large = torch.empty(0, dtype=torch.bool, device=device)
-        self.clip = torch.empty(0, dtype=torch.bool, device=device)
-        self.stochastic = torch.empty(0, dtype=torch.bool, device=device)
+        def empty(dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+            return torch.empty((0,) if width is None else (0, width), dtype=dtype, device=device)
+
+        self.a, self.s = empty(self.coef_dtype, 1), empty(self.coef_dtype, 1)
+        self.model_t = empty(torch.float32, 0)
+        self.pos, self.n_steps, self.labels = (empty(torch.long) for _ in range(3))
+        self.eta, self.w = empty(self.coef_dtype), empty(self.coef_dtype)
+        self.large, self.clip, self.stochastic, self.guided = (empty(torch.bool) for _ in range(4))
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def forward_rows(self) -> int:
+        """Rows the next full forward holds: one per sample, two per guided sample."""
+        return len(self.rows) + int(self.guided.sum())
 
     def add(self, rows: list[Row]) -> None:
         """Append newly admitted samples (a step boundary: every row is between steps)."""
         if not rows:
             return
-        paths = [r.job.path() for r in rows]
-        width = max([self.model_t.shape[1], *(p[1].numel() for p in paths)])
-        pad = lambda t, w: F.pad(t, (0, w - t.shape[-1]), value=-1)  # noqa: E731
+        plans = [r.job.plan for r in rows]
+        width = max([self.model_t.shape[1], *(p.steps for p in plans)])
         dev = self.device
         new_x = torch.stack([r.job.x[r.index] for r in rows])
         if dev.type == "cuda":  # a pinned host buffer makes the copy truly asynchronous
             new_x = new_x.pin_memory()
         new_x = new_x.to(dev, non_blocking=True)
         self.x = new_x if self.x is None or not len(self.rows) else torch.cat([self.x, new_x])
-        self.levels = torch.cat([pad(self.levels, width + 1),
-                                 torch.stack([pad(p[0], width + 1) for p in paths]).to(dev)])
-        self.model_t = torch.cat([pad(self.model_t, width), torch.stack([pad(p[1], width) for p in paths]).to(dev)])
-        self.pos = torch.cat([self.pos, torch.zeros(len(rows), dtype=torch.long, device=dev)])
-        self.n_steps = torch.cat([self.n_steps, torch.tensor([r.job.steps for r in rows], device=dev)])
-        self.eta = torch.cat([self.eta, torch.tensor([r.job.eta for r in rows], dtype=self.coef_dtype, device=dev)])
-        self.large = torch.cat([self.large, torch.tensor([r.job.large for r in rows], device=dev)])
-        self.clip = torch.cat([self.clip, torch.tensor([r.job.clip_denoised for r in rows], device=dev)])
-        self.stochastic = torch.cat([self.stochastic, torch.tensor([r.job.stochastic for r in rows], device=dev)])
+
+        def grow(old: torch.Tensor, new: list[torch.Tensor], w: int) -> torch.Tensor:
+            return torch.cat([_pad(old, w), torch.stack([_pad(v, w) for v in new]).to(dev, old.dtype)])
+
+        def extend(old: torch.Tensor, values: list[object]) -> torch.Tensor:
+            return torch.cat([old, torch.tensor(values, dtype=old.dtype, device=dev)])
+
+        self.a = grow(self.a, [p.a for p in plans], width + 1)
+        self.s = grow(self.s, [p.s for p in plans], width + 1)
+        self.model_t = grow(self.model_t, [p.model_t for p in plans], width)
+        self.pos = extend(self.pos, [0] * len(rows))
+        jobs = [r.job for r in rows]
+        self.n_steps = extend(self.n_steps, [j.steps for j in jobs])
+        self.eta = extend(self.eta, [j.eta for j in jobs])
+        self.large = extend(self.large, [j.large for j in jobs])
+        self.clip = extend(self.clip, [j.clip_denoised for j in jobs])
+        self.stochastic = extend(self.stochastic, [j.stochastic for j in jobs])
+        null = -1 if self.null_class is None else self.null_class
+        self.labels = extend(self.labels, [null if r.job.class_labels is None else int(r.job.class_labels[r.index])
+                                           for r in rows])
+        self.w = extend(self.w, [j.guidance_scale for j in jobs])
+        self.guided = extend(self.guided, [j.guided for j in jobs])
         self.rows.extend(rows)
 
     def _pick(self, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -73,18 +97,23 @@ class ActiveBatch:
         """The timestep each row's network call sees this step, [B] (rows idx only, when given)."""
         return self._pick(self.model_t, idx).gather(1, self._pick(self.pos, idx)[:, None]).squeeze(1)
 
-    def coefficients(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """(alpha-bar at x's level, at the target level, sigma, noise std), each [B] float64."""
-        pos, levels = self._pick(self.pos, idx)[:, None], self._pick(self.levels, idx)
-        here, there = levels.gather(1, pos).squeeze(1), levels.gather(1, pos + 1).squeeze(1)
-        alpha, alpha_next = alpha_at(self.alphas_cumprod, here), alpha_at(self.alphas_cumprod, there)
-        sigma, noise_std = step_sigmas(alpha, alpha_next, self._pick(self.eta, idx), self._pick(self.large, idx))
-        return alpha, alpha_next, sigma, noise_std
+    def coefficients(self, idx: torch.Tensor | None = None) -> StepCoefficients:
+        """This step's coefficients for rows idx: sampling's step_coefficients of each row's levels here and next."""
+        pos = self._pick(self.pos, idx)[:, None]
+        a, s = self._pick(self.a, idx), self._pick(self.s, idx)
+        return step_coefficients(a.gather(1, pos).squeeze(1), s.gather(1, pos).squeeze(1),
+                                 a.gather(1, pos + 1).squeeze(1), s.gather(1, pos + 1).squeeze(1),
+                                 self._pick(self.eta, idx), self._pick(self.large, idx))
 
     def inputs(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, timesteps, clip flags) of the rows idx (all rows when None)."""
         assert self.x is not None
         return self._pick(self.x, idx), self.timesteps(idx), self._pick(self.clip, idx)
+
+    def conditioning(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(class labels or None for an unconditional model, guided flags, guidance scales) of rows idx."""
+        labels = None if self.null_class is None else self._pick(self.labels, idx)
+        return labels, self._pick(self.guided, idx), self._pick(self.w, idx)
 
     def noise(self, idx: torch.Tensor | None = None) -> torch.Tensor | None:
         """This step's noise for rows idx: one draw from each stochastic row's own generator, in step order."""
@@ -97,7 +126,8 @@ class ActiveBatch:
         noise = torch.zeros((len(stochastic), *shape[1:]), dtype=torch.float32, pin_memory=self.device.type == "cuda")
         for k in rows:
             r = self.rows[k if order is None else order[k]]
-            noise[k] = torch.randn(shape, generator=r.job.generators[r.index])[0]  # type: ignore[index]
+            assert r.job.generators is not None
+            noise[k] = torch.randn(shape, generator=r.job.generators[r.index])[0]
         return noise.to(self.device, non_blocking=True)
 
     def advance(self, x_next: torch.Tensor, idx: torch.Tensor | None = None) -> list[Row]:
@@ -127,5 +157,5 @@ class ActiveBatch:
         self.rows = [r for r, k in zip(self.rows, keep_list) if k]
         if self.x is not None:
             self.x = self.x.index_select(0, idx)
-        for name in ("levels", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic"):
+        for name in self.PER_ROW:
             setattr(self, name, getattr(self, name).index_select(0, idx))

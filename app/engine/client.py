@@ -1,8 +1,13 @@
-"""The narrow interface the HTTP layer talks to: load models, build validated jobs, run them."""
+"""The engine client: the one interface the HTTP layer talks to (in the spirit of vLLM's EngineClient).
+
+submit(work) -> a RequestHandle (events, result, cancel); jobs (the store of retained handles); health(),
+stats(), drain(). Below it: the models' workers, and the tasks that run as their jobs (app/engine/tasks.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -11,28 +16,19 @@ from concurrent.futures import Future
 import torch
 
 from app.config import Settings
+from app.engine.errors import DeadlineExceeded, InvalidRequest, ShuttingDown, UnknownModel
+from app.engine.handle import Outcome, RequestHandle
+from app.engine.jobstore import JobStore
+from app.engine.tasks import Prepared, Work, prepare
 from app.engine.jobs import JobResult, SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
 from app.models.layout import layouts_for
 from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
-from app.sampling import draw, lerp, sample_generators, slerp, timestep_sequence
+from app.sampling import Direction, Plan, ScheduleError, draw, is_stochastic, sample_generators
 
 log = logging.getLogger(__name__)
-
-
-class UnknownModel(LookupError):
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"unknown model {name!r}; loaded models: {', '.join(known) or 'none'}")
-
-
-class InvalidRequest(ValueError):
-    """A request that passed the schema but cannot run on this model; field names what is wrong."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class Engine:
@@ -44,8 +40,12 @@ class Engine:
         self.models: dict[str, LoadedModel] = {}
         self.workers: dict[str, BatchWorker] = {}
         self.ready = False
+        self.draining = False
         self.error: str | None = None
         self.default_name: str | None = None
+        self.jobs = JobStore(settings.max_jobs, settings.job_ttl_seconds, metrics)
+        self._inflight: set[RequestHandle] = set()
+        self._stopping = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
@@ -70,6 +70,7 @@ class Engine:
                                            "x".join(map(str, info["image_size"])), str(info["channels"])).set(1)
             log.info("model %s ready on %s (%s, channels_last=%s)", name, device, info["dtype"], info["channels_last"])
         self.default_name = s.default_model if s.default_model in self.models else names[0]
+        threading.Thread(target=self._supervise, name="engine-supervisor", daemon=True).start()
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.startup_seconds.set(time.monotonic() - started)
@@ -100,9 +101,17 @@ class Engine:
             model.forward.compile(s.max_batch_size, budget, model.sample_shape)
         if s.warmup:
             for b in sorted({1, s.max_batch_size}):
-                model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500))
+                model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500.0))
+
+    def _supervise(self, every: float = 0.5) -> None:
+        """Restart a worker whose thread died (a fault past its step's containment); /readyz is 503 meanwhile."""
+        while not self._stopping.wait(every):
+            for worker in list(self.workers.values()):
+                if not worker.alive and not self._stopping.is_set():
+                    worker.restart()
 
     def stop(self) -> None:
+        self._stopping.set()
         for w in self.workers.values():
             w.stop()
 
@@ -113,13 +122,46 @@ class Engine:
             raise UnknownModel(str(name), sorted(self.models))
         return self.models[name]
 
-    def check_steps(self, model: LoadedModel, steps: int, schedule: str) -> torch.Tensor:
+    def check_steps(self, model: LoadedModel, steps: int, schedule: str | None,
+                    direction: Direction = "generate") -> Plan:
+        """The run's plan on this model (schedule None: the model's default)."""
         if steps > self.settings.max_steps:
             raise InvalidRequest("steps", f"steps must be at most {self.settings.max_steps} on this server")
         try:
-            return timestep_sequence(steps, model.num_train_timesteps, schedule)
-        except ValueError as e:
+            return model.plan(steps, schedule or model.spacings[0], direction)
+        except ScheduleError as e:
             raise InvalidRequest("steps" if "steps" in str(e) else "schedule", str(e)) from e
+
+    @staticmethod
+    def class_labels(model: LoadedModel, class_label: int | str | list[int | str] | None, n: int,
+                     field: str = "class_label") -> torch.Tensor | None:
+        """Class indices [n] from an index, a class name (any case) or a list with one per image; None: none."""
+        if class_label is None:
+            return None
+        if not model.conditional:
+            raise InvalidRequest(field, f"model {model.name!r} is not class-conditional; leave out {field}")
+        values = class_label if isinstance(class_label, list) else [class_label] * n
+        if len(values) != n:
+            raise InvalidRequest(field, f"{field} has {len(values)} labels for {n} images; give one, or one per image")
+        names = {c.lower(): i for i, c in enumerate(model.class_names)}
+        out = []
+        for v in values:
+            if isinstance(v, str) and v.strip().lower() in names:
+                out.append(names[v.strip().lower()])
+            elif isinstance(v, int) and 0 <= v < len(model.class_names):
+                out.append(v)
+            else:
+                valid = ", ".join(f"{i}={c!r}" for i, c in enumerate(model.class_names))
+                raise InvalidRequest(field, f"unknown class {v!r} for model {model.name!r}; valid classes: {valid} "
+                                            "(leave out class_label for unconditional samples)")
+        return torch.tensor(out, dtype=torch.long)
+
+    @staticmethod
+    def _guidance(labels: torch.Tensor | None, w: float) -> dict[str, object]:
+        """w = 0 is the unconditional prediction itself, so it runs as such (no second row)."""
+        if labels is None or w == 0:
+            return {"class_labels": None, "guidance_scale": 1.0}
+        return {"class_labels": labels, "guidance_scale": w}
 
     def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str) -> torch.Tensor:
         want = (n, *model.sample_shape)
@@ -130,13 +172,17 @@ class Engine:
         return x.float()
 
     # -- jobs ----------------------------------------------------------------------------------
-    def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str,
+    def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str | None,
                      seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
-                     endpoint: str | None = "generate") -> tuple[SampleJob, int | None]:
+                     endpoint: str = "generate", class_labels: torch.Tensor | None = None,
+                     guidance_scale: float = 1.0) -> tuple[SampleJob, int | None]:
         """A validated generation job; the seed (chosen at random if None) is returned with it."""
+        if large and model.kind != "vp":
+            raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat) is defined for VP models only; "
+                                             f"model {model.name!r} is a {model.kind} model")
         seq = self.check_steps(model, steps, schedule)
         self._check_n(n, "n")
-        stochastic = eta > 0 or large
+        stochastic = is_stochastic(eta, large)
         gens = None
         if x_T is None or stochastic:
             if seed is None:
@@ -148,7 +194,8 @@ class Engine:
             x_T = self.check_latents(model, x_T, n, "x_T")
         clip_denoised = model.clip_sample if clip is None else clip
         job = SampleJob("generate", x_T, seq, eta=eta, large=large, clip_denoised=clip_denoised,
-                        generators=gens if stochastic else None, endpoint=endpoint)
+                        generators=gens if stochastic else None, endpoint=endpoint,
+                        **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
         return job, seed
 
     def _check_n(self, n: int, field: str) -> None:
@@ -156,31 +203,115 @@ class Engine:
             raise InvalidRequest(field, f"{n} samples can never fit this server's queue of "
                                         f"{self.settings.max_queue}; split the request")
 
-    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str,
-                   endpoint: str | None = "invert") -> SampleJob:
+    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str | None,
+                   endpoint: str = "invert", class_labels: torch.Tensor | None = None,
+                   guidance_scale: float = 1.0) -> SampleJob:
         if model.prediction_type == "sample":
             raise InvalidRequest("model", f"model {model.name!r} predicts x0 ('sample'); DDIM inversion needs an "
                                           "eps or v prediction, since eps is undefined at the clean start")
-        seq = self.check_steps(model, steps, schedule)
+        seq = self.check_steps(model, steps, schedule, "invert")
         self._check_n(images.shape[0], "images")
         return SampleJob("invert", self.check_latents(model, images, images.shape[0], "images"), seq,
-                         endpoint=endpoint)
+                         endpoint=endpoint, **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
 
-    async def run(self, model: LoadedModel, job: SampleJob) -> JobResult:
-        """Submit and await; a cancelled await (client gone) cancels the job in the worker."""
+    async def run(self, model: LoadedModel, job: SampleJob, handle: RequestHandle | None = None) -> torch.Tensor:
+        """Submit one job and await its samples; a cancelled await (cancel, deadline, client gone) cancels the job
+        in the worker, whose samples leave the batch at the next step."""
         worker = self.workers[model.name]
-        worker.submit(job)
+        if not job.submitted:
+            worker.submit(job)
         try:
-            result = await asyncio.wrap_future(job.future)
+            result: JobResult = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
             worker.cancel(job)
+            # the worker settles the job once its samples have left the batch (its next step boundary): a cancel
+            # is done when the compute is free
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), 30)
             raise
-        if job.endpoint is not None:  # not for a reconstruction or an interpolation's inverted ends
-            self.metrics.images.labels(model.name, job.endpoint).inc(job.n)
-        return result
+        if handle is not None:
+            handle.queue_seconds += result.queue_seconds
+        return result.x
 
-    @staticmethod
-    def interpolate(x0: torch.Tensor, x1: torch.Tensor, frames: int, method: str) -> torch.Tensor:
-        """frames latents from x0 to x1 (both [C, H, W]), endpoints included."""
-        f = slerp if method == "slerp" else lerp
-        return torch.stack([f(x0, x1, i / (frames - 1)) for i in range(frames)])
+    def count_images(self, model: LoadedModel, endpoint: str, n: int) -> None:
+        self.metrics.images.labels(model.name, endpoint).inc(n)
+
+    # -- the interface the API sees ------------------------------------------------------------
+    def submit(self, work: Work, *, timeout_s: float | None = None, owner: str | None = None,
+               retain: bool = False, request_id: str = "") -> RequestHandle:
+        """Validate and start a task; returns its handle at once. Raises InvalidRequest, UnknownModel, NotReady
+        (ShuttingDown while draining) or Overloaded (a full queue, or retain and a full job store)."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        prepared = prepare(self, work)
+        limit = self.settings.max_request_seconds
+        seconds = limit if timeout_s is None else min(timeout_s, limit)
+        handle = RequestHandle(work.task, prepared.model.name, prepared.steps,
+                               deadline=time.monotonic() + seconds, owner=owner, request_id=request_id)
+        if retain:
+            self.jobs.check_room()  # raises Overloaded when the store is full
+        self._queue_first(handle, prepared)
+        if retain:
+            self.jobs.add(handle)
+        handle.start(asyncio.ensure_future(self._run_until(handle, prepared, seconds)))
+        self._inflight.add(handle)
+        handle.on_finish.append(self._finished)
+        return handle
+
+    def _queue_first(self, handle: RequestHandle, prepared: Prepared) -> None:
+        """Queue the jobs that start a task now: a full queue is a 429 for the request, not a failed job."""
+        worker, loop = self.workers[prepared.model.name], asyncio.get_running_loop()
+        queued: list[SampleJob] = []
+        try:
+            for job in prepared.first:
+                job.on_progress, job.tag = handle.progress_listener(loop), handle.request_id
+                queued.append(worker.submit(job))
+        except Exception:
+            for job in queued:
+                worker.cancel(job)
+            raise
+
+    async def _run_until(self, handle: RequestHandle, prepared: Prepared, seconds: float) -> Outcome:
+        try:
+            async with asyncio.timeout(seconds):
+                return await prepared.run(handle)  # type: ignore[no-any-return]
+        except TimeoutError:
+            self.metrics.deadline_expired.labels(handle.model).inc()
+            raise DeadlineExceeded(f"deadline exceeded: the request did not finish within {seconds:g} s "
+                                   "(its timeout_s, capped by DDIM_MAX_REQUEST_SECONDS; queueing counts)") from None
+
+    def _finished(self, handle: RequestHandle) -> None:
+        self._inflight.discard(handle)
+        if handle.status == "cancelled":
+            self.metrics.cancelled.labels(handle.model).inc()
+        if handle.first_progress_seconds is not None:
+            self.metrics.first_progress.labels(handle.model).observe(handle.first_progress_seconds)
+
+    def health(self) -> dict[str, object]:
+        """ready: serving; draining: shutting down (not ready); error: why loading failed."""
+        dead = sorted(name for name, w in self.workers.items() if not w.alive)
+        error = self.error or (f"the worker of model(s) {', '.join(dead)} is restarting" if dead else None)
+        return {"ready": self.ready and not self.draining and not dead, "draining": self.draining, "error": error,
+                "models": sorted(self.models)}
+
+    def stats(self) -> list[dict[str, object]]:
+        """Each model's info, with its waiting and active samples."""
+        out = []
+        for name, m in sorted(self.models.items()):
+            waiting, active = self.workers[name].load
+            out.append({**m.info(), "default": name == self.default_name, "waiting": waiting, "active": active})
+        return out
+
+    async def drain(self, seconds: float) -> None:
+        """Admit nothing more; let what is in flight finish for up to seconds, then fail what is left (503)."""
+        self.draining = True
+        pending = [h for h in self._inflight if not h.finished]
+        if pending:
+            log.info("draining: %d requests in flight, up to %g s", len(pending), seconds)
+            await asyncio.wait([asyncio.ensure_future(h.result()) for h in pending], timeout=seconds)
+        left = [h for h in self._inflight if not h.finished]
+        for h in left:
+            h.cancel(ShuttingDown("the server shut down before this request finished; submit it again"))
+        if left:
+            await asyncio.wait([asyncio.ensure_future(h.result()) for h in left], timeout=5)
+        log.info("drained: %d finished in time, %d failed", len(pending) - len(left), len(left))

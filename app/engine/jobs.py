@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-Direction = Literal["generate", "invert"]
+from app.engine.errors import EngineError, JobCancelled, QueueFull
+from app.sampling import Direction, Plan, is_stochastic
+
+__all__ = ["EngineError", "JobCancelled", "JobResult", "QueueFull", "SampleJob"]
+
 _ids = itertools.count()
-
-
-class EngineError(RuntimeError):
-    """Base of the engine's own errors."""
-
-
-class QueueFull(EngineError):
-    """Admission would exceed the model's bound on waiting + active samples."""
-
-    def __init__(self, model: str, retry_after: float) -> None:
-        super().__init__(f"the queue of model {model!r} is full; retry in {retry_after:.0f} s")
-        self.retry_after = retry_after
-
-
-class JobCancelled(EngineError):
-    """The job was cancelled before it finished."""
 
 
 @dataclass(frozen=True)
@@ -41,25 +29,36 @@ class JobResult:
 
 @dataclass(eq=False)
 class SampleJob:
-    """n samples that walk one timestep sequence (ascending tau_1..tau_S) in one direction.
+    """n samples that walk one plan (levels and network timesteps) in one direction.
 
     x is x_T [n, C, H, W] for generation, the clean images for inversion. With eta > 0 or
     large variance, generators hold one torch.Generator per sample (the seed contract).
+    class_labels [n] are a conditional model's labels (None: its null label, unconditional); with a
+    guidance_scale other than 1 each sample also gets an unconditional row in the same forward.
     """
 
     direction: Direction
     x: torch.Tensor
-    timesteps: torch.Tensor
+    plan: Plan
     eta: float = 0.0
     large: bool = False
     clip_denoised: bool = False
     generators: list[torch.Generator] | None = None
     endpoint: str | None = "generate"  # whose output these samples are (ddim_images_total); None: a step on the way
+    tag: str = ""  # the request's id, for the log
+    class_labels: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+    # progress: called from the worker thread after each step with (steps done, x0 predictions or None); the x0
+    # predictions [n, C, H, W] come every preview_every steps (0: never)
+    on_progress: Callable[[int, torch.Tensor | None], None] | None = None
+    preview_every: int = 0
     id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.monotonic)
     future: Future[JobResult] = field(default_factory=Future)
     # filled in by the worker
     first_step_at: float | None = None
+    submitted: bool = False
+    reported: int = 0  # steps last passed to on_progress
     remaining: int = 0
     cancelled: bool = False
 
@@ -73,18 +72,17 @@ class SampleJob:
 
     @property
     def steps(self) -> int:
-        return int(self.timesteps.numel())
+        return self.plan.steps
 
     @property
     def stochastic(self) -> bool:
-        return self.direction == "generate" and (self.eta > 0 or self.large)
+        return self.direction == "generate" and is_stochastic(self.eta, self.large)
 
-    def path(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(levels [S + 1], model timesteps [S]): x moves levels[k] -> levels[k + 1] at step k,
-        the network is called at model_t[k]; level -1 is the clean end (alpha-bar = 1)."""
-        seq = self.timesteps.long()
-        clean = torch.tensor([-1])
-        if self.direction == "generate":
-            desc = seq.flip(0)
-            return torch.cat([desc, clean]), desc
-        return torch.cat([clean, seq]), seq
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance: a conditional and an unconditional row per sample."""
+        return self.class_labels is not None and self.guidance_scale != 1.0
+
+    @property
+    def rows_per_sample(self) -> int:
+        return 2 if self.guided else 1

@@ -18,11 +18,12 @@ from typing import Literal
 import torch
 
 from app.engine.batch import ActiveBatch, Row
+from app.engine.faults import free_cached, is_out_of_memory, nonfinite_rows
 from app.engine.priority import ShortFirst
 from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob
 from app.metrics import Metrics
 from app.models import LoadedModel
-from app.sampling import generalized_step
+from app.sampling import guide, take_step
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class BatchWorker:
         self.short_first = ShortFirst(max_batch_size, max_defer_steps) \
             if priority == "short-first" and batching == "step" else None
         self.waiting: deque[Row] = deque()
-        self.batch = ActiveBatch(model.alphas_cumprod, model.device)
+        self.batch = ActiveBatch(model.device, model.null_class)
         self._cond = threading.Condition()
         self._stop = False
         self._cancel_pending = False
@@ -71,6 +72,7 @@ class BatchWorker:
             if load + job.n > self.max_queue:
                 raise QueueFull(self.model.name, self.retry_after())
             job.future.set_running_or_notify_cancel()  # from now on only cancel() stops it
+            job.submitted = True
             self.waiting.extend(Row(job, i) for i in range(job.n))
             self._gauges()
             self._cond.notify()
@@ -100,14 +102,17 @@ class BatchWorker:
         if self.batching == "request" and len(self.batch):
             return
         rows: list[Row] = []
-        free = self.max_batch_size - len(self.batch)
-        while self.waiting and len(rows) < free:
+        free = self.max_batch_size - self.batch.forward_rows  # a guided sample takes two rows of a forward
+        while self.waiting and free > 0:
             row = self.waiting[0]
-            if self.batching == "request" and row.index == 0 and row.job.n > free - len(rows) and rows:
+            if self.batching == "request" and row.index == 0 and row.job.n * row.job.rows_per_sample > free and rows:
                 break  # request mode admits whole requests only
+            if row.job.rows_per_sample > free and (rows or len(self.batch)):
+                break
             rows.append(self.waiting.popleft())
+            free -= row.job.rows_per_sample
         if not rows and self.waiting and self.short_first is not None and len(self.batch):
-            rows = self.short_first.overtakers(self.waiting, len(self.batch), int(self.batch.n_steps.max()))
+            rows = self.short_first.overtakers(self.waiting, self.batch.forward_rows, int(self.batch.n_steps.max()))
             if rows:
                 chosen = {id(r) for r in rows}
                 self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
@@ -132,37 +137,131 @@ class BatchWorker:
             _resolve(job, error=JobCancelled(f"job {job.id} was cancelled"))
 
     def _rows_to_step(self) -> torch.Tensor | None:
-        """The rows this forward steps: None for all of them."""
-        return None if self.short_first is None else self.short_first.rows_to_step(self.batch.n_steps)
+        """The rows this forward steps: None for all of them. A forward holds at most max_batch_size rows, a
+        guided sample counting two (but one sample is always stepped)."""
+        b = self.batch
+        idx = None if self.short_first is None else self.short_first.rows_to_step(b.n_steps)
+        weights = 1 + b.guided.long() if idx is None else 1 + b.guided.index_select(0, idx).long()
+        if int(weights.sum()) <= self.max_batch_size:
+            return idx
+        keep = max(1, int((weights.cumsum(0) <= self.max_batch_size).sum()))
+        chosen = torch.arange(len(b), device=b.device) if idx is None else idx
+        return chosen[:keep]
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """One forward over rows idx; a guided sample adds an unconditional row to the same forward, and its
+        prediction is uncond + w (cond - uncond)."""
+        labels, guided, w = self.batch.conditioning(idx)
+        if labels is None or not bool(guided.any()):
+            return self.model.eps(x, t, labels)
+        g = guided.nonzero().squeeze(1)
+        null = torch.full((len(g),), self.batch.null_class or 0, dtype=labels.dtype, device=labels.device)
+        out = self.model.eps(torch.cat([x, x.index_select(0, g)]), torch.cat([t, t.index_select(0, g)]),
+                             torch.cat([labels, null]))
+        cond, uncond = out[:len(x)], out[len(x):]
+        return cond.index_copy(0, g.to(cond.device), guide(cond.index_select(0, g.to(cond.device)), uncond,
+                                                           w.index_select(0, g)))
 
     def step(self) -> None:
         """One forward over the chosen active samples, then each sample's own update."""
         b = self.batch
         idx = self._rows_to_step()
         x, t, clip = b.inputs(idx)
-        alpha, alpha_next, sigma, noise_std = b.coefficients(idx)
+        coef = b.coefficients(idx)
         noise = b.noise(idx)
+        rows = len(x) + (int(b.guided.sum()) if idx is None else int(b.guided.index_select(0, idx).sum()))
         started = time.perf_counter()
-        out = self.model.eps(x, t)
+        try:
+            out = self._forward(x, t, idx)
+        except Exception as e:  # fails the rows of this forward only; the worker goes on
+            self._fail_rows(idx, e)
+            return
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)  # time the forward, not its launch
         forward = time.perf_counter() - started
-        x_next = generalized_step(x, out, alpha, alpha_next, sigma, noise_std,
-                                  prediction_type=self.model.prediction_type, clip_denoised=clip,
-                                  noise=noise).prev_sample
-        self._batch_size.observe(len(x))
+        stepped = take_step(x, out, coef, prediction_type=self.model.prediction_type, clip_denoised=clip,
+                            noise=noise)
+        x_next = stepped.prev_sample
+        bad = nonfinite_rows(x_next)
+        broken = set() if bad is None else {self._row(idx, int(k)).job for k in bad.tolist()}
+        self._report(idx, stepped.pred_original_sample)
+        self._batch_size.observe(rows)
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(x))
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
         finished = b.advance(x_next, idx)
+        if broken:
+            self._fail_jobs(broken, "non_finite", f"model {self.model.name!r} produced non-finite values (NaN or "
+                                                  "inf) in this request's samples; the model or its weights are broken")
         self._gauges()  # before any result is out, so a client never reads a stale gauge
         for row in finished:
             job = row.job
             job.remaining -= 1
-            if job.remaining == 0:
+            if job.remaining == 0 and job not in broken:
                 now = time.monotonic()
                 first = job.first_step_at or now
                 _resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
+
+    def _row(self, idx: torch.Tensor | None, k: int) -> Row:
+        return self.batch.rows[k if idx is None else int(idx[k])]
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """The forward of rows idx; out of memory, it is retried once in two halves."""
+        try:
+            return self._predict(x, t, idx)
+        except Exception as e:
+            if not is_out_of_memory(e) or len(x) < 2:
+                raise
+            log.warning("model %s ran out of memory on a forward of %d samples; retrying in two halves",
+                        self.model.name, len(x))
+            self.metrics.failures.labels(self.model.name, "out_of_memory_retry").inc()
+            free_cached(self.model.device)
+            sel, h = torch.arange(len(self.batch), device=self.batch.device) if idx is None else idx, len(x) // 2
+            return torch.cat([self._predict(x[:h], t[:h], sel[:h]), self._predict(x[h:], t[h:], sel[h:])])
+
+    def _fail_rows(self, idx: torch.Tensor | None, error: BaseException) -> None:
+        """A forward raised: fail the requests whose rows it held."""
+        jobs = {r.job for r in (self.batch.rows if idx is None else [self.batch.rows[i] for i in idx.tolist()])}
+        log.error("the forward of model %s failed (%s: %s)", self.model.name, type(error).__name__, error,
+                  exc_info=error)
+        self._fail_jobs(jobs, "forward_error", f"the forward of model {self.model.name!r} failed "
+                                               f"({type(error).__name__}: {error})")
+
+    def _fail_jobs(self, jobs: set[SampleJob], cause: str, message: str) -> None:
+        """Fail these jobs (one log line and one count each) and drop their samples; the others go on."""
+        for job in jobs:
+            self.metrics.failures.labels(self.model.name, cause).inc()
+            log.error("%s; failing request %s", message, job.tag or job.id)
+            _resolve(job, error=EngineError(message))
+        self.batch.keep(torch.tensor([r.job not in jobs for r in self.batch.rows], dtype=torch.bool))
+        with self._cond:
+            self.waiting = deque(r for r in self.waiting if r.job not in jobs)
+        self._gauges()
+
+    def _report(self, idx: torch.Tensor | None, x0: torch.Tensor) -> None:
+        """Tell each stepped job that wants progress how many steps its slowest stepped sample has done, with
+        its x0 predictions every preview_every steps."""
+        b = self.batch
+        rows = b.rows if idx is None else [b.rows[i] for i in idx.tolist()]
+        if not any(r.job.on_progress is not None for r in rows):
+            return
+        pos = (b.pos if idx is None else b.pos.index_select(0, idx)).tolist()
+        done: dict[SampleJob, int] = {}
+        at: dict[SampleJob, list[int]] = {}
+        for k, (r, p) in enumerate(zip(rows, pos)):
+            if r.job.on_progress is not None:
+                done[r.job] = min(done.get(r.job, p + 1), p + 1)
+                at.setdefault(r.job, []).append(k)
+        for job, steps in done.items():
+            if steps <= job.reported:
+                continue
+            job.reported = steps
+            every = job.preview_every
+            preview = x0[at[job]].float().cpu() if every and (steps % every == 0 or steps == job.steps) else None
+            try:
+                job.on_progress(steps, preview)  # type: ignore[misc]
+            except Exception:  # a listener's failure is not the step's
+                log.exception("progress listener failed for job %d", job.id)
 
     def _fail_active(self, error: BaseException) -> None:
         for job in {id(r.job): r.job for r in self.batch.rows}.values():
@@ -172,6 +271,22 @@ class BatchWorker:
     def _gauges(self) -> None:
         self.metrics.queue_depth.labels(self.model.name).set(len(self.waiting))
         self.metrics.active_samples.labels(self.model.name).set(len(self.batch))
+
+    @property
+    def alive(self) -> bool:
+        """The worker's thread is serving (or was never started); False once it died, or was stopped."""
+        return not self._stop and (self._thread.ident is None or self._thread.is_alive())
+
+    def restart(self) -> None:
+        """After the worker's thread died: fail the requests it held in its batch (their state is lost), keep the
+        waiting ones, and serve from a new thread."""
+        self.metrics.failures.labels(self.model.name, "worker_restart").inc()
+        log.error("the worker thread of model %s died; restarting it, failing its %d active samples",
+                  self.model.name, len(self.batch))
+        self._fail_active(EngineError(f"the worker of model {self.model.name!r} failed and was restarted while "
+                                      "this request ran; submit it again"))
+        self._thread = threading.Thread(target=self.run_here, name=f"worker-{self.model.name}", daemon=True)
+        self._thread.start()
 
     def run_here(self) -> None:
         """Serve from the calling thread, which becomes this worker's thread, until stop(). The engine

@@ -21,8 +21,8 @@ from app.eval.classifier import FMNISTClassifier, embed
 from app.eval.fid import GaussianStats, fid, gaussian_stats
 from app.images import to_uint8
 from app.models import LoadedModel
-from app.sampling import draw, sample_generators, slerp, timestep_sequence
-from app.sampling.loop import EpsModel, invert, sample
+from app.sampling import draw, sample_generators, slerp
+from app.sampling.loop import EpsModel, run_plan
 from app.train.data import load_split, to_model_space
 
 BALANCE_SEED = 100_000  # the class-balance samples are not the table's samples
@@ -111,10 +111,9 @@ def counting(eps: EpsModel, bar: tqdm) -> EpsModel:
 
 def generate(model: LoadedModel, eps: EpsModel, x_T: torch.Tensor, steps: int, variant: Variant,
              generators: list[torch.Generator]) -> torch.Tensor:
-    seq = timestep_sequence(steps, model.num_train_timesteps, "uniform")
-    return sample(eps, x_T.to(model.device), model.alphas_cumprod, seq, eta=variant.eta, large=variant.large,
-                  prediction_type=model.prediction_type, clip_denoised=model.clip_sample,
-                  generators=generators).cpu()
+    return run_plan(eps, x_T.to(model.device), model.plan(steps, "uniform", "generate"), eta=variant.eta,
+                    large=variant.large, prediction_type=model.prediction_type, clip_denoised=model.clip_sample,
+                    generators=generators).cpu()
 
 
 def from_seeds(model: LoadedModel, eps: EpsModel, steps: int, variant: Variant, first: int, n: int) -> torch.Tensor:
@@ -130,18 +129,19 @@ def plan(model: LoadedModel, eps: EpsModel, clf: FMNISTClassifier, test_x: torch
         def compute(i: int, j: int) -> dict[str, np.ndarray]:
             x = from_seeds(model, eps, s, v, seed0 + i, j - i)
             e = embed(clf, x)
-            out = {"features": e.features.astype(np.float32), "classes": e.classes.astype(np.int16)}
+            out: dict[str, np.ndarray] = {"features": e.features.astype(np.float32),
+                                          "classes": e.classes.astype(np.int16)}
             return out | ({"images": to_uint8(x)[..., 0]} if keep_images else {})
         return Job(key or gen_key(v.label, s), n, s, compute)
 
     def recon_job(s: int) -> Job:
-        seq = timestep_sequence(s, model.num_train_timesteps, "uniform")
+        forward, back = model.plan(s, "uniform", "invert"), model.plan(s, "uniform", "generate")
 
         def compute(i: int, j: int) -> dict[str, np.ndarray]:
             x0 = test_x[recon_indices(j)[i:]].to(model.device)
-            x_T = invert(eps, x0, model.alphas_cumprod, seq, prediction_type=model.prediction_type)
+            x_T = run_plan(eps, x0, forward, prediction_type=model.prediction_type)
             # decoded without clipping, as the inversion (Eq. 14 run backwards) never clips
-            x_rec = sample(eps, x_T, model.alphas_cumprod, seq, prediction_type=model.prediction_type)
+            x_rec = run_plan(eps, x_T, back, prediction_type=model.prediction_type)
             err = ((x_rec.cpu().clamp(-1, 1) - x0.cpu()) / 2) ** 2  # pixels in [0, 1]
             return {"mse": err.flatten(1).mean(1).double().numpy()}
         return Job(f"recon/S={s}", cfg.n_recon, 2 * s, compute)

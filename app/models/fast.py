@@ -67,8 +67,17 @@ class Forward:
                 best[on] = min(best[on], time.perf_counter() - started)
         return best
 
-    def _eager(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+    def _eager(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, t, class_labels=class_labels).sample
+
+    def _labels(self, b: int, class_labels: torch.Tensor | None) -> torch.Tensor | None:
+        """A conditional UNet's labels on the device; without any, the null label (its last class row)."""
+        n = self.unet.config.num_class_embeds
+        if n is None:
+            return None
+        if class_labels is None:
+            class_labels = torch.full((b,), int(n) - 1, dtype=torch.long)
+        return class_labels.to(self.device, torch.long, non_blocking=True)
 
     def compile(self, max_batch_size: int, budget_seconds: float, sample_shape: tuple[int, int, int],
                 buckets: list[int] | None = None) -> list[int]:
@@ -86,7 +95,7 @@ class Forward:
             x = torch.zeros(b, *sample_shape, device=self.device, dtype=self.dtype)
             with torch.inference_mode():
                 for _ in range(2 if self.device.type == "cuda" else 1):
-                    fn(self._layout(x), torch.full((b,), 500, device=self.device))
+                    fn(self._layout(x), torch.full((b,), 500, device=self.device), self._labels(b, None))
             done.append(b)
             log.info("compiled batch %d in %.1f s", b, time.monotonic() - started)
         self.compiled, self.buckets = fn, tuple(sorted(done))
@@ -95,16 +104,19 @@ class Forward:
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] (any dtype/device), t [B] -> float32 output on self.device."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W] (any dtype/device), t [B], class_labels [B] (conditional models) -> float32 output on
+        self.device."""
         b = x.shape[0]
         x = self._layout(x.to(self.device, self.dtype, non_blocking=True))
         t = t.to(self.device, non_blocking=True)
+        y = self._labels(b, class_labels)
         with torch.inference_mode():
             bucket = next((s for s in self.buckets if s >= b), None)
             if self.compiled is None or bucket is None:
-                return self._eager(x, t).float()
+                return self._eager(x, t, y).float()
             if bucket > b:  # pad to the compiled size; the extra rows are dropped
                 x = torch.cat([x, x.new_zeros(bucket - b, *x.shape[1:])])
-                t = torch.cat([t, t.new_full((bucket - b,), int(t[0]))])
-            return self.compiled(self._layout(x), t)[:b].float()
+                t = torch.cat([t, t.new_full((bucket - b,), float(t[0]))])
+                y = None if y is None else torch.cat([y, y.new_full((bucket - b,), int(y[0]))])
+            return self.compiled(self._layout(x), t, y)[:b].float()

@@ -51,8 +51,8 @@ def write_model_folder(root: Path, unet: UNet2DModel, scheduler_config: dict[str
 
 
 def random_model_folder(root: Path, unet_config: dict[str, Any], scheduler_config: dict[str, Any],
-                        seed: int = 0, layout: str = "nested") -> Path:
+                        seed: int = 0, layout: str = "nested", class_names: list[str] | None = None) -> Path:
     """A model folder with randomly initialised weights (no download needed)."""
     torch.manual_seed(seed)
     unet = UNet2DModel(**unet_config)
-    return write_model_folder(root, unet, scheduler_config, layout)
+    return write_model_folder(root, unet, scheduler_config, layout, class_names)

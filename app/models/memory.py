@@ -28,6 +28,7 @@ is the sum of each arena's peak.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 import logging
 
 log = logging.getLogger(__name__)
@@ -61,5 +62,5 @@ def keep_freed_memory() -> bool:
     return not refused
 
 
-def _address(function: ctypes._CFuncPtr) -> int | None:
+def _address(function: Any) -> int | None:  # a ctypes function pointer
     return ctypes.cast(function, ctypes.c_void_p).value

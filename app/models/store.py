@@ -1,4 +1,9 @@
-"""The model store: folders in the diffusers DDPMPipeline layout, loaded unchanged.
+"""The model store: folders in the diffusers pipeline layout, loaded unchanged.
+
+A folder whose scheduler is a FlowMatchEulerDiscreteScheduler is a rectified-flow model (it predicts
+v = eps - x0 at timestep num_train_timesteps sigma); any other scheduler config is a VP (DDPM) model.
+A UNet2DModel with num_class_embeds is class-conditional: its last class row is the null label of
+classifier-free guidance, and model_index.json may name the others in id2label (as DiTPipeline does).
 
 Two layouts are accepted, as found on the Hub:
 - nested: model_index.json, unet/config.json, unet/<weights>, scheduler/scheduler_config.json
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,22 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from app.models.fast import Forward, bf16_supported
-from app.sampling.schedules import ScheduleError, alphas_cumprod_from_config
+from app.sampling import (
+    FLOW_SPACINGS,
+    SPACINGS,
+    VP_PREDICTION_TYPES,
+    Direction,
+    PathKind,
+    Plan,
+    ScheduleError,
+    alphas_cumprod_from_config,
+    check_flow_config,
+    flow_plan,
+    guide,
+    flow_sigmas,
+    timestep_sequence,
+    vp_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +124,22 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return renamed
 
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+
+
 @dataclass
 class LoadedModel:
-    """An eps-network on its device, with its alpha-bar table and sampling defaults."""
+    """A denoising network on its device, with its path (VP alpha-bar table or flow shift) and sampling defaults."""
 
     name: str
     unet: UNet2DModel
     scheduler_config: dict[str, Any]
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor | None  # VP only
     device: torch.device
     dtype: torch.dtype
     path: Path
     channels_last: bool = False
+    class_names: tuple[str, ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -123,35 +148,91 @@ class LoadedModel:
         return (int(self.unet.config.in_channels), int(h), int(w))
 
     @property
+    def kind(self) -> PathKind:
+        return "flow" if self.scheduler_config.get("_class_name") == FLOW_SCHEDULER else "vp"
+
+    @property
     def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.numel())
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
     @property
     def prediction_type(self) -> str:
-        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+        return "flow" if self.kind == "flow" else str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
     def clip_sample(self) -> bool:
-        return bool(self.scheduler_config.get("clip_sample", True))
+        return self.kind == "vp" and bool(self.scheduler_config.get("clip_sample", True))
 
     @property
-    def beta_schedule(self) -> str:
+    def beta_schedule(self) -> str | None:
+        if self.kind == "flow":
+            return None
         if self.scheduler_config.get("trained_betas") is not None:
             return "trained_betas"
         return str(self.scheduler_config.get("beta_schedule", "linear"))
 
+    @property
+    def shift(self) -> float | None:
+        return float(self.scheduler_config.get("shift", 1.0)) if self.kind == "flow" else None
+
+    @property
+    def spacings(self) -> tuple[str, ...]:
+        """The schedule names this model samples with; the first is its default."""
+        return FLOW_SPACINGS if self.kind == "flow" else SPACINGS
+
+    @property
+    def conditional(self) -> bool:
+        return self.unet.config.num_class_embeds is not None
+
+    @property
+    def null_class(self) -> int | None:
+        """The reserved unconditional label: the class embedding's last row."""
+        return int(self.unet.config.num_class_embeds) - 1 if self.conditional else None
+
+    def plan(self, steps: int, spacing: str, direction: Direction) -> Plan:
+        """The levels and network timesteps of an S-step run; ScheduleError for a spacing this model lacks."""
+        if spacing not in self.spacings:
+            raise ScheduleError(f"schedule {spacing!r} is not offered for {self.kind} model {self.name!r}; "
+                                f"supported: {', '.join(self.spacings)}")
+        if self.kind == "flow":
+            return flow_plan(flow_sigmas(steps, self.num_train_timesteps, self.shift or 1.0),
+                             self.num_train_timesteps, direction)
+        assert self.alphas_cumprod is not None
+        return vp_plan(self.alphas_cumprod, timestep_sequence(steps, self.num_train_timesteps, spacing), direction)
+
     def __post_init__(self) -> None:
         self.forward = Forward(self.unet, self.device, self.dtype, channels_last=self.channels_last)
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network output (eps, x0 or v, as prediction_type says) in float32, on the model's device."""
-        return self.forward(x, t)
+    def eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The network output (eps, x0, v or flow velocity, as prediction_type says) in float32, on the model's
+        device. A conditional model without class_labels gets the null label (unconditional)."""
+        return self.forward(x, t, class_labels)
+
+    def network(self, class_labels: torch.Tensor | None = None,
+                guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The prediction as a function of (x, t) for offline loops: conditional on class_labels [n] if given, and
+        guided when w is not 1, both rows in one forward as the engine runs them (w = 0: unconditional)."""
+        if class_labels is None or guidance_scale == 0:
+            return self.eps
+        y = class_labels
+        if guidance_scale == 1:
+            return lambda x, t: self.eps(x, t, y)
+        null = torch.full_like(y, self.null_class or 0)
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = self.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+            return guide(out[:len(x)], out[len(x):], guidance_scale)
+
+        return guided
 
     def info(self) -> dict[str, Any]:
         c, h, w = self.sample_shape
-        return {"name": self.name, "image_size": [h, w], "channels": c,
+        return {"name": self.name, "kind": self.kind, "image_size": [h, w], "channels": c,
                 "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
+                "shift": self.shift, "schedules": list(self.spacings),
                 "prediction_type": self.prediction_type, "clip_sample": self.clip_sample,
+                "conditional": self.conditional, "class_names": list(self.class_names) if self.conditional else None,
+                "null_class": self.null_class,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "channels_last": self.forward.channels_last,
                 "parameters": sum(p.numel() for p in self.unet.parameters())}
@@ -173,17 +254,12 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
     files = ModelFiles.find(root, allow_pickle)
     config = _read_json(files.unet_config)
     sched = _read_json(files.scheduler_config)
-    try:
-        alphas_cumprod = alphas_cumprod_from_config(sched)
-    except (ScheduleError, TypeError, ValueError) as e:
-        raise ModelStoreError(f"{files.scheduler_config}: {e}") from e
-    prediction = sched.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "sample", "v_prediction"):
-        raise ModelStoreError(f"{files.scheduler_config}: unknown prediction_type {prediction!r}")
+    alphas_cumprod = _path_of(sched, files.scheduler_config)
     try:
         unet = UNet2DModel.from_config(config)
     except Exception as e:
         raise ModelStoreError(f"{files.unet_config}: not a UNet2DModel config ({e})") from e
+    class_names = _class_names(unet, files)
     try:
         unet.load_state_dict(_load_state_dict(files.weights), strict=True)
     except RuntimeError as e:
@@ -196,8 +272,50 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         # list of such modules is empty (UNet2DModel's is): cast as torch does unless the model names some
         keep = getattr(unet, "_keep_in_fp32_modules", None) or []
         unet = unet.to(DTYPES[dtype]) if keep else torch.nn.Module.to(unet, DTYPES[dtype])
-    return LoadedModel(name or root.name, unet, sched, alphas_cumprod.to(dev), dev, DTYPES[dtype], root,
-                       channels_last=channels_last)
+    return LoadedModel(name or root.name, unet, sched, None if alphas_cumprod is None else alphas_cumprod.to(dev),
+                       dev, DTYPES[dtype], root, channels_last=channels_last, class_names=class_names)
+
+
+def _path_of(sched: dict[str, Any], path: Path) -> torch.Tensor | None:
+    """Check a scheduler config; the alpha-bar table of a VP model, None for a flow model."""
+    try:
+        if sched.get("_class_name") == FLOW_SCHEDULER:
+            check_flow_config(sched)
+            T, shift = sched.get("num_train_timesteps", 1000), sched.get("shift", 1.0)
+            if not isinstance(T, int) or T < 1 or not isinstance(shift, int | float) or shift <= 0:
+                raise ScheduleError(f"num_train_timesteps must be a positive integer and shift a positive number, "
+                                    f"got {T!r} and {shift!r}")
+            return None
+        prediction = sched.get("prediction_type", "epsilon")
+        if prediction not in VP_PREDICTION_TYPES:
+            raise ScheduleError(f"unknown prediction_type {prediction!r}; supported: {', '.join(VP_PREDICTION_TYPES)}")
+        return alphas_cumprod_from_config(sched)
+    except (ScheduleError, TypeError, ValueError) as e:
+        raise ModelStoreError(f"{path}: {e}") from e
+
+
+def _class_names(unet: UNet2DModel, files: ModelFiles) -> tuple[str, ...]:
+    """The names of a conditional model's classes (id2label of model_index.json), else their numbers."""
+    cfg = unet.config
+    if cfg.class_embed_type is not None:
+        raise ModelStoreError(f"{files.unet_config}: class_embed_type {cfg.class_embed_type!r} is not supported "
+                              "(class-conditional models use num_class_embeds)")
+    if cfg.num_class_embeds is None:
+        return ()
+    n = int(cfg.num_class_embeds) - 1  # the last row is the null label
+    if n < 1:
+        raise ModelStoreError(f"{files.unet_config}: num_class_embeds must be at least 2 (classes + the null label)")
+    index = files.root / "model_index.json"
+    labels = _read_json(index).get("id2label") if index.is_file() else None
+    if labels is None:
+        return tuple(str(i) for i in range(n))
+    if not isinstance(labels, dict) or sorted(labels, key=str) != sorted(map(str, range(n)), key=str):
+        raise ModelStoreError(f"{index}: id2label must map each class 0..{n - 1} to a name "
+                              f"(num_class_embeds {n + 1} includes the null label {n})")
+    names = tuple(str(labels[str(i)]) for i in range(n))
+    if len({x.lower() for x in names}) != n:
+        raise ModelStoreError(f"{index}: id2label names must be distinct")
+    return names
 
 
 def discover(store: Path) -> list[str]:

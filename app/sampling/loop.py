@@ -1,6 +1,7 @@
 """Offline sampling and inversion loops over the step functions, for the CLI, tests and benchmarks.
 
-The server does not use these: its engine batches single steps across requests.
+The server does not use these: its engine batches single steps across requests. Both walk a Plan
+(app/sampling/paths.py) with the same step, so they agree sample for sample.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from typing import Any
 
 import torch
 
-from app.sampling.noise import draw
-from app.sampling.step import ddim_step, invert_step
+from app.sampling.noise import draw, is_stochastic
+from app.sampling.paths import Plan, vp_plan
+from app.sampling.step import step_coefficients, take_step
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[Sequence[Any]], Iterable[Any]]  # e.g. a tqdm factory; the loop itself prints nothing
@@ -21,15 +23,10 @@ def _quiet(steps: Sequence[Any]) -> Iterable[Any]:
     return steps
 
 
-def _full(value: float | bool, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((n,), value, dtype=dtype)
-
-
-def sample(
-    eps_model: EpsModel,
-    x_T: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    timesteps: torch.Tensor,
+def run_plan(
+    model: EpsModel,
+    x: torch.Tensor,
+    plan: Plan,
     *,
     eta: float = 0.0,
     large: bool = False,
@@ -38,25 +35,38 @@ def sample(
     generators: list[torch.Generator] | None = None,
     progress: Progress = _quiet,
 ) -> torch.Tensor:
-    """Run tau_S -> ... -> tau_1 -> alpha-bar = 1 from x_T; timesteps ascending, as timestep_sequence.
-
-    With eta > 0 or large, the noise of step k comes from generators (one per sample), in step order.
-    """
-    n = x_T.shape[0]
-    stochastic = eta > 0 or large
+    """Walk x through the plan's levels. With eta > 0 or large, the noise of step k comes from generators
+    (one per sample), in step order (the seed contract)."""
+    n = x.shape[0]
+    stochastic = is_stochastic(eta, large)
     if stochastic and generators is None:
         raise ValueError("eta > 0 or large variance needs one generator per sample")
-    x = x_T
-    seq = timesteps.tolist()
-    pairs = list(zip(reversed(seq), [*reversed(seq[:-1]), -1]))
-    for t, t_prev in progress(pairs):
-        tt = torch.full((n,), t, dtype=torch.long, device=x.device)
-        out = eps_model(x, tt)
+    eta_t, large_t = torch.full((n,), float(eta), dtype=torch.float64), torch.full((n,), large)
+    for k in progress(range(plan.steps)):
+        t = plan.model_t[k].expand(n).to(x.device)
+        out = model(x, t)
         noise = draw(generators, tuple(x.shape[1:])).to(x) if stochastic else None  # type: ignore[arg-type]
-        x = ddim_step(out, x, tt, torch.full_like(tt, t_prev), _full(eta, n, x.dtype), alphas_cumprod,
-                      large=_full(large, n, torch.bool), prediction_type=prediction_type,
-                      clip_denoised=clip_denoised, noise=noise).prev_sample
+        coef = step_coefficients(plan.a[k].expand(n), plan.s[k].expand(n), plan.a[k + 1].expand(n),
+                                 plan.s[k + 1].expand(n), eta_t, large_t)
+        x = take_step(x, out, coef, prediction_type=prediction_type, clip_denoised=clip_denoised,
+                      noise=noise).prev_sample
     return x
+
+
+def _integer_timesteps(model: EpsModel) -> EpsModel:
+    return lambda x, t: model(x, t.long())
+
+
+def sample(
+    eps_model: EpsModel,
+    x_T: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """VP: run tau_S -> ... -> tau_1 -> alpha-bar = 1 from x_T; timesteps ascending, as timestep_sequence."""
+    plan = vp_plan(alphas_cumprod, timesteps, "generate")
+    return run_plan(_integer_timesteps(eps_model), x_T, plan, **kwargs)
 
 
 def invert(
@@ -68,12 +78,6 @@ def invert(
     prediction_type: str = "epsilon",
     progress: Progress = _quiet,
 ) -> torch.Tensor:
-    """DDIM inversion alpha-bar = 1 -> tau_1 -> ... -> tau_S (eta = 0); returns x_T."""
-    n = x0.shape[0]
-    x = x0
-    seq = timesteps.tolist()
-    for t_from, t in progress(list(zip([-1, *seq[:-1]], seq))):
-        tt = torch.full((n,), t, dtype=torch.long, device=x.device)
-        x = invert_step(eps_model(x, tt), x, torch.full_like(tt, t_from), tt, alphas_cumprod,
-                        prediction_type=prediction_type).prev_sample
-    return x
+    """VP DDIM inversion alpha-bar = 1 -> tau_1 -> ... -> tau_S (eta = 0); returns x_T."""
+    plan = vp_plan(alphas_cumprod, timesteps, "invert")
+    return run_plan(_integer_timesteps(eps_model), x0, plan, prediction_type=prediction_type, progress=progress)

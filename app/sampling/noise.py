@@ -17,3 +17,8 @@ def sample_generators(seed: int, n: int) -> list[torch.Generator]:
 def draw(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
     """One draw of shape (1, *shape) from each generator, stacked to [n, *shape] (float32, CPU)."""
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+
+
+def is_stochastic(eta: float, large: bool) -> bool:
+    """Whether a generation run draws noise at each step (and so needs the per-sample generators)."""
+    return eta > 0 or large

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
-SPACINGS: tuple[str, ...] = ("uniform", "leading", "quadratic", "trailing", "linspace")
+Spacing = Literal["uniform", "leading", "quadratic", "trailing", "linspace"]
+SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
+FLOW_SPACINGS: tuple[Spacing, ...] = ("linspace",)  # diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps
+# FlowMatchEulerDiscreteScheduler config keys that change the sigmas and that we do not implement
+FLOW_UNSUPPORTED = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                    "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -96,3 +101,34 @@ def alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     t = t.to(alphas_cumprod.device)
     a = alphas_cumprod.gather(0, t.clamp(min=0))
     return torch.where(t < 0, torch.ones_like(a), a)
+
+
+def flow_shift(sigma: np.ndarray, shift: float) -> np.ndarray:
+    """diffusers' static timestep shift: shift sigma / (1 + (shift - 1) sigma)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_sigmas(steps: int, num_train_timesteps: int = 1000, shift: float = 1.0) -> torch.Tensor:
+    """The S + 1 descending sigmas of a flow run, ending at 0, exactly as diffusers'
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift).set_timesteps(S) gives them (float32 values):
+    timesteps linspace(T sigma_max, T sigma_min, S) between the shifted training sigmas' ends, then shifted."""
+    S, T = int(steps), int(num_train_timesteps)
+    if S < 1:
+        raise ScheduleError(f"steps must be at least 1, got {S}")
+    if T < 1:
+        raise ScheduleError(f"num_train_timesteps must be >= 1, got {T}")
+    if not shift > 0:
+        raise ScheduleError(f"shift must be positive, got {shift}")
+    train = flow_shift(np.linspace(1, T, T, dtype=np.float32)[::-1] / T, shift).astype(np.float32)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    sigmas = np.linspace(sigma_max * T, sigma_min * T, S) / T
+    sigmas = flow_shift(sigmas, shift).astype(np.float32)
+    return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
+
+
+def check_flow_config(config: Mapping[str, Any]) -> None:
+    """Refuse, by name, every FlowMatchEulerDiscreteScheduler key that would change the sigmas we give."""
+    for key in FLOW_UNSUPPORTED:
+        if config.get(key):
+            raise ScheduleError(f"{key}={config[key]!r} is not supported (only the static shift is); "
+                                f"set it to false or remove it")

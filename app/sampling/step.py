@@ -1,18 +1,23 @@
-"""The generalized DDIM step (Song et al. 2021, Eq. 12) and the DDIM inversion step.
+"""The generalized DDIM step (Song et al. 2021, Eq. 12 with Eq. 16) on any Gaussian path, and its inversion.
 
-Every function takes per-sample [B] tensors, so one batch can mix timesteps, eta, variance
-kinds, prediction types and directions. Shapes: x and model_output [B, C, H, W].
+Every path is x_t = a_t x0 + s_t eps (app/sampling/paths.py). Every function takes per-sample [B]
+tensors, so one batch can mix levels, eta, variance kinds, prediction types, path kinds and
+directions. Shapes: x and model_output [B, C, H, W].
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from app.sampling.schedules import alpha_at
 
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+PredictionType = Literal["epsilon", "sample", "v_prediction", "flow"]
+# flow: a rectified-flow velocity v = eps - x0 (diffusers' FlowMatchEulerDiscreteScheduler models)
+PREDICTION_TYPES: tuple[PredictionType, ...] = get_args(PredictionType)
+VP_PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "sample", "v_prediction")  # what a DDPM config may say
 
 
 @dataclass(frozen=True)
@@ -23,9 +28,28 @@ class StepOutput:
     pred_original_sample: torch.Tensor
 
 
+@dataclass(frozen=True)
+class StepCoefficients:
+    """Per-sample [B] coefficients of one step from level (a, s) to (a_next, s_next):
+    x' = a_next x0 + c_eps eps + noise_std z, c_eps = sqrt(s_next^2 - sigma^2). Built by step_coefficients;
+    float64 (float32 on MPS)."""
+
+    a: torch.Tensor
+    s: torch.Tensor
+    a_next: torch.Tensor
+    c_eps: torch.Tensor
+    sigma: torch.Tensor
+    noise_std: torch.Tensor
+
+
+def coefficient_dtype(device: torch.device) -> torch.dtype:
+    """Per-sample coefficients are float64, but on MPS, which has no float64 (float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def precise(v: torch.Tensor) -> torch.Tensor:
-    """Per-sample coefficients in float64 (float32 on MPS, which has no float64)."""
-    return v.float() if v.device.type == "mps" else v.double()
+    """v in the coefficient dtype of its device."""
+    return v.to(coefficient_dtype(v.device))
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -44,41 +68,94 @@ def prediction_codes(prediction_type: str | list[str], batch: int) -> torch.Tens
 def predict_x0_eps(
     x: torch.Tensor,
     model_output: torch.Tensor,
-    alpha: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
     prediction_type: str | torch.Tensor = "epsilon",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) from the network output at the noise level alpha-bar of x.
+    """(x0, eps) from the network output at level x = a x0 + s eps.
 
-    epsilon: x0 = (x - sqrt(1 - a) eps) / sqrt(a)       (Eq. 12's "predicted x0")
-    sample:  eps = (x - sqrt(a) x0) / sqrt(1 - a)
-    v:       x0 = sqrt(a) x - sqrt(1 - a) v,  eps = sqrt(a) v + sqrt(1 - a) x
+    epsilon: x0 = (x - s eps) / a                  (Eq. 12's "predicted x0")
+    sample:  eps = (x - a x0) / s
+    v:       x0 = a x - s v,  eps = a v + s x      (VP, a^2 + s^2 = 1)
+    flow:    x0 = x - s v,    eps = x + a v        (v = eps - x0, a + s = 1)
     A tensor prediction_type holds per-sample codes from prediction_codes().
     """
-    a = _bcast(alpha, x)
-    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    a, s, out = _bcast(a, x), _bcast(s, x), model_output
+    forms = {
+        "epsilon": lambda: ((x - s * out) / a, out),
+        "sample": lambda: (out, (x - a * out) / s),
+        "v_prediction": lambda: (a * x - s * out, a * out + s * x),
+        "flow": lambda: (x - s * out, x + a * out),
+    }
     if isinstance(prediction_type, str):
-        if prediction_type == "epsilon":
-            return (x - s1a * model_output) / sa, model_output
-        if prediction_type == "sample":
-            return model_output, (x - sa * model_output) / s1a
-        if prediction_type == "v_prediction":
-            return sa * x - s1a * model_output, sa * model_output + s1a * x
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+        if prediction_type not in forms:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}")
+        return forms[prediction_type]()
     code = _bcast(prediction_type, x).long()
-    x0 = torch.where(code == 0, (x - s1a * model_output) / sa,
-                     torch.where(code == 1, model_output, sa * x - s1a * model_output))
-    eps = torch.where(code == 0, model_output,
-                      torch.where(code == 1, (x - sa * model_output) / s1a, sa * model_output + s1a * x))
+    x0, eps = out, out
+    for i, name in enumerate(PREDICTION_TYPES):
+        if bool((prediction_type == i).any()):
+            px0, peps = forms[name]()
+            x0, eps = torch.where(code == i, px0, x0), torch.where(code == i, peps, eps)
     return x0, eps
 
 
-def ddim_sigma(alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-    """sigma_t(eta) = eta sqrt((1 - a_{t'}) / (1 - a_t)) sqrt(1 - a_t / a_{t'})   (Eq. 16).
+def sigma_eta(a: torch.Tensor, s: torch.Tensor, a_next: torch.Tensor, s_next: torch.Tensor,
+              eta: torch.Tensor) -> torch.Tensor:
+    """sigma_eta = eta s' sqrt(1 - SNR_t / SNR_t'), SNR = a^2 / s^2: Eq. 16 on VP, for any Gaussian path.
 
-    Zero where eta = 0, also on rows that start from the clean end (alpha = 1, inversion).
+    Zero where eta = 0, and where the target is the clean end (s' = 0) or x is clean (inversion's start).
     """
-    sigma = eta * ((1 - alpha_prev) / (1 - alpha)).sqrt() * (1 - alpha / alpha_prev).clamp(min=0).sqrt()
-    return torch.where(eta > 0, sigma, torch.zeros_like(sigma))
+    ratio = (a * s_next) ** 2 / ((s * a_next) ** 2).clamp(min=torch.finfo(a.dtype).tiny)
+    sigma = eta * s_next * (1 - ratio).clamp(min=0).sqrt()
+    return torch.where((eta > 0) & (s > 0) & (s_next > 0), sigma, torch.zeros_like(sigma))
+
+
+def ddim_sigma(alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """Eq. 16 on VP in alpha-bar terms: sigma_eta of the levels (sqrt(alpha-bar), sqrt(1 - alpha-bar))."""
+    return sigma_eta(alpha.sqrt(), (1 - alpha).sqrt(), alpha_prev.sqrt(), (1 - alpha_prev).sqrt(), eta)
+
+
+def step_coefficients(a: torch.Tensor, s: torch.Tensor, a_next: torch.Tensor, s_next: torch.Tensor,
+                      eta: torch.Tensor, large: torch.Tensor | None = None) -> StepCoefficients:
+    """The generalized step's coefficients per sample (Eq. 12 with Eq. 16).
+
+    large=True is the paper's sigma-hat row (DDPM's fixed_large, VP only): the mean keeps eta = 1's
+    coefficients, the noise uses sigma-hat = sqrt(1 - alpha-bar_t / alpha-bar_t'), and the last step adds none.
+    """
+    a, s, a_next, s_next, eta = (precise(v) for v in (a, s, a_next, s_next, eta.to(a.device)))
+    large = torch.zeros_like(eta, dtype=torch.bool) if large is None else large.to(a.device).bool()
+    sigma = sigma_eta(a, s, a_next, s_next, torch.where(large, torch.ones_like(eta), eta))
+    sigma_hat = (1 - (a / a_next) ** 2).clamp(min=0).sqrt()
+    noise_std = torch.where(large & (s_next > 0), sigma_hat, sigma)
+    # float64: s'^2 - sigma^2 cancels badly in float32 near the clean end
+    return StepCoefficients(a, s, a_next, (s_next**2 - sigma**2).clamp(min=0).sqrt(), sigma, noise_std)
+
+
+def take_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coef: StepCoefficients,
+    *,
+    prediction_type: str | torch.Tensor = "epsilon",
+    clip_denoised: bool | torch.Tensor = False,
+    noise: torch.Tensor | None = None,
+) -> StepOutput:
+    """x_next = a' x0 + sqrt(s'^2 - sigma^2) eps + noise_std z   (Eq. 12, any Gaussian path).
+
+    Clipping x0 to [-1, 1] re-derives eps from the clipped x0, as DDPM's posterior mean does.
+    """
+    x0, eps = predict_x0_eps(x, model_output, coef.a, coef.s, prediction_type)
+    clip = clip_denoised if isinstance(clip_denoised, torch.Tensor) else torch.tensor(clip_denoised)
+    if bool(clip.any()):
+        clipped = x0.clamp(-1, 1)
+        eps_clipped = (x - _bcast(coef.a, x) * clipped) / _bcast(coef.s, x)
+        c = _bcast(clip, x).bool()
+        x0, eps = torch.where(c, clipped, x0), torch.where(c, eps_clipped, eps)
+    prev = _bcast(coef.a_next, x) * x0 + _bcast(coef.c_eps, x) * eps
+    if noise is not None:
+        prev = prev + _bcast(coef.noise_std, x) * noise.to(x)
+    return StepOutput(prev_sample=prev, pred_original_sample=x0)
 
 
 def generalized_step(
@@ -86,50 +163,18 @@ def generalized_step(
     model_output: torch.Tensor,
     alpha: torch.Tensor,
     alpha_next: torch.Tensor,
-    sigma: torch.Tensor,
-    noise_std: torch.Tensor,
+    eta: torch.Tensor,
     *,
+    large: torch.Tensor | None = None,
     prediction_type: str | torch.Tensor = "epsilon",
     clip_denoised: bool | torch.Tensor = False,
     noise: torch.Tensor | None = None,
 ) -> StepOutput:
-    """x_next = sqrt(a_next) x0 + sqrt(1 - a_next - sigma^2) eps + noise_std z   (Eq. 12).
-
-    alpha is alpha-bar at x's level, alpha_next the target level. sigma sets the direction term
-    (Eq. 16); noise_std is sigma itself, or the "large" sigma-hat. Clipping x0 to [-1, 1]
-    re-derives eps from the clipped x0, as DDPM's posterior mean does.
-    """
-    x0, eps = predict_x0_eps(x, model_output, alpha, prediction_type)
-    clip = clip_denoised if isinstance(clip_denoised, torch.Tensor) else torch.tensor(clip_denoised)
-    if bool(clip.any()):
-        a = _bcast(alpha, x)
-        clipped = x0.clamp(-1, 1)
-        eps_clipped = (x - a.sqrt() * clipped) / (1 - a).sqrt()
-        c = _bcast(clip, x).bool()
-        x0, eps = torch.where(c, clipped, x0), torch.where(c, eps_clipped, eps)
-    # per-sample coefficients in float64: 1 - a' - sigma^2 cancels badly in float32 near t = 0
-    a_next, s = precise(alpha_next), precise(sigma)
-    c_x0, c_eps = _bcast(a_next.sqrt(), x), _bcast((1 - a_next - s**2).clamp(min=0).sqrt(), x)
-    prev = c_x0 * x0 + c_eps * eps
-    if noise is not None:
-        prev = prev + _bcast(noise_std, x) * noise.to(x)
-    return StepOutput(prev_sample=prev, pred_original_sample=x0)
-
-
-def step_sigmas(
-    alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: torch.Tensor, large: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma for the direction term, std of the added noise) per sample.
-
-    large=True is the paper's sigma-hat row (DDPM's fixed_large): the mean keeps eta = 1's
-    coefficients, the noise uses sigma-hat = sqrt(1 - a_t / a_{t'}), and the last step adds none.
-    """
-    large = large.to(alpha.device).bool()
-    sigma = ddim_sigma(alpha, alpha_prev, torch.where(large, torch.ones_like(eta), eta))
-    sigma_hat = (1 - alpha / alpha_prev).clamp(min=0).sqrt()
-    last = alpha_prev >= 1
-    noise_std = torch.where(large & ~last, sigma_hat, sigma)
-    return sigma, noise_std
+    """One VP step between alpha-bar levels per sample (alpha-bar = 1 is the clean end), either direction."""
+    a, s = precise(alpha).sqrt(), (1 - precise(alpha)).clamp(min=0).sqrt()
+    an, sn = precise(alpha_next).sqrt(), (1 - precise(alpha_next)).clamp(min=0).sqrt()
+    return take_step(x, model_output, step_coefficients(a, s, an, sn, eta, large),
+                     prediction_type=prediction_type, clip_denoised=clip_denoised, noise=noise)
 
 
 def ddim_step(
@@ -145,14 +190,10 @@ def ddim_step(
     clip_denoised: bool | torch.Tensor = False,
     noise: torch.Tensor | None = None,
 ) -> StepOutput:
-    """One generation step x_t -> x_{t'} per sample; t_prev < 0 means alpha-bar = 1 (the end)."""
-    alpha = precise(alpha_at(alphas_cumprod, t))
-    alpha_prev = precise(alpha_at(alphas_cumprod, t_prev))
-    eta = eta.to(alpha)
-    large = torch.zeros_like(eta, dtype=torch.bool) if large is None else large
-    sigma, noise_std = step_sigmas(alpha, alpha_prev, eta, large)
-    return generalized_step(x_t, model_output, alpha, alpha_prev, sigma, noise_std,
-                            prediction_type=prediction_type, clip_denoised=clip_denoised, noise=noise)
+    """One VP generation step x_t -> x_{t'} per sample; t_prev < 0 means alpha-bar = 1 (the end)."""
+    return generalized_step(x_t, model_output, alpha_at(alphas_cumprod, t), alpha_at(alphas_cumprod, t_prev),
+                            eta, large=large, prediction_type=prediction_type, clip_denoised=clip_denoised,
+                            noise=noise)
 
 
 def invert_step(
@@ -169,10 +210,14 @@ def invert_step(
     model_output is eps_theta(x_{t_from}, t): the network sees the target timestep, as in
     diffusers' DDIMInverseScheduler; t_from < 0 means x is the clean image (alpha-bar = 1).
     """
-    alpha, alpha_next = precise(alpha_at(alphas_cumprod, t_from)), precise(alpha_at(alphas_cumprod, t))
-    zero = torch.zeros_like(alpha)
-    return generalized_step(x, model_output, alpha, alpha_next, zero, zero,
-                            prediction_type=prediction_type)
+    return generalized_step(x, model_output, alpha_at(alphas_cumprod, t_from), alpha_at(alphas_cumprod, t),
+                            torch.zeros(len(t)), prediction_type=prediction_type)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+    """Classifier-free guidance in the model's prediction space: uncond + w (cond - uncond)."""
+    w = _bcast(w, cond) if isinstance(w, torch.Tensor) else w
+    return uncond + w * (cond - uncond)
 
 
 def slerp(x0: torch.Tensor, x1: torch.Tensor, a: float | torch.Tensor) -> torch.Tensor:

@@ -133,9 +133,9 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> 
         log.info("resumed from %s at step %d", ckpt_path, step)
     (workdir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    images, labels_all = load_split("train")
+    images, labels_np = load_split("train")
     data = to_model_space(images, cfg.unet["sample_size"])
-    labels_all = torch.from_numpy(labels_all.astype("int64"))
+    labels_all = torch.from_numpy(labels_np.astype("int64"))
     alphas_cumprod = alphas_cumprod_from_config(cfg.scheduler) if cfg.objective == "epsilon" else torch.ones(1)
 
     def save() -> None:

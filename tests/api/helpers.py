@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -40,3 +43,27 @@ def forwards(client: httpx.Client, model: str) -> int:
     text = client.get("/metrics").text
     m = re.search(rf'^ddim_batch_size_count\{{model="{re.escape(model)}"\}} ([0-9.e+]+)$', text, re.M)
     return int(float(m.group(1))) if m else 0
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    """(event, data) pairs of a text/event-stream response, as they arrive."""
+    kind, data = "message", []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield kind, json.loads("\n".join(data))
+            kind, data = "message", []
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             polls: int = 600) -> dict:
+    """Poll GET /jobs/{id} until its status is one of statuses (bounded: polls x 0.05 s)."""
+    for _ in range(polls):
+        state = client.get(f"/jobs/{job_id}").json()
+        if state["status"] in statuses:
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {state['status']}")

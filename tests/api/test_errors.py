@@ -77,7 +77,7 @@ def test_bad_multipart_and_odd_image_modes(client: httpx.Client) -> None:
                     headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert r.status_code in (400, 422) and "detail" in r.json()
     r = client.post("/invert", files=[("files", ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"))])
-    assert r.status_code == 422 and "files.0" in str(r.json()["detail"])
+    assert r.status_code == 422 and "files.0" in str(r.json()["detail"])  # the field the client used
     for mode, size in (("I;16", (9, 9)), ("CMYK", (5, 20)), ("RGBA", (30, 30)), ("P", (8, 8)), ("1", (12, 12))):
         r = client.post("/invert", json={"model": "tiny-rgb", "images": [png_b64(Image.new(mode, size),
                                                                                 "TIFF" if mode == "CMYK" else "PNG")],
@@ -211,12 +211,12 @@ def test_not_ready_is_503(tmp_path: Path) -> None:
 
 
 def test_a_failing_model_is_a_500_that_names_its_request_id(tmp_path: Path) -> None:
-    """A class-conditional UNet loads but its forward needs class labels: every step fails. The
-    client gets a JSON 500 with the request id (header and detail), and the server keeps serving."""
+    """A UNet of odd sample size loads, but its upsampled features (6x6) cannot meet its skips (5x5): every step
+    fails. The client gets a JSON 500 with the request id (header and detail), and the server keeps serving."""
     from app.models.folder import random_model_folder
     from tests.conftest import LINEAR_SCHEDULER, TINY_UNET
 
-    random_model_folder(tmp_path / "conditional", {**TINY_UNET, "num_class_embeds": 3}, LINEAR_SCHEDULER)
+    random_model_folder(tmp_path / "odd-size", {**TINY_UNET, "sample_size": 5}, LINEAR_SCHEDULER)
     with running_server(tmp_path, DDIM_WARMUP="false") as url, httpx.Client(base_url=url, timeout=60) as c:
         for attempt in range(2):
             r = c.post("/generate", json={"steps": 3}, headers={"x-request-id": f"boom-{attempt}"})

@@ -162,7 +162,14 @@ def drive_load(url: str) -> int:
             if status == 429:
                 assert int(r.headers["retry-after"]) >= 1
         assert filler.result().status_code == 200
-    return len(ok) + len(refused) + 1
+        # a job, a cancelled job and a deadline: the jobs row's series (jobs are not /generate requests)
+        done = client.post("/jobs/generate", json={"model": "tiny", "steps": 4}).json()
+        cancelled = client.post("/jobs/generate", json={"model": "tiny", "steps": 1000}).json()
+        wait_for(lambda: client.get(f"/jobs/{done['id']}").json()["status"] == "succeeded", "the job never finished")
+        assert client.delete(f"/jobs/{cancelled['id']}").json()["status"] == "cancelled"
+        late = client.post("/generate", json={"model": "tiny", "n": 2, "steps": 1000, "timeout_s": 0.1})
+        assert late.status_code == 504, late.text
+    return len(ok) + len(refused) + 2
 
 
 def legend_labels(target: dict[str, Any]) -> set[str]:

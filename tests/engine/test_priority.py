@@ -22,7 +22,7 @@ def model(tiny_store: Path):  # type: ignore[no-untyped-def]
 
 def _job(model, steps: int, n: int, seed: int, eta: float = 0.0) -> SampleJob:  # type: ignore[no-untyped-def]
     gens = sample_generators(seed, n)
-    return SampleJob("generate", draw(gens, model.sample_shape), timestep_sequence(steps, 1000, "uniform"),
+    return SampleJob("generate", draw(gens, model.sample_shape), model.plan(steps, "uniform", "generate"),
                      eta=eta, generators=gens if eta > 0 else None)
 
 

@@ -16,7 +16,8 @@ from app.sampling import (
     lerp,
     prediction_codes,
     slerp,
-    step_sigmas,
+    step_coefficients,
+    vp_levels,
 )
 
 AC = alphas_cumprod_from_config({})
@@ -50,7 +51,7 @@ def test_generation_and_inversion_rows_share_one_generalized_step() -> None:
     x, out = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
     a600, a400 = AC[600].double(), AC[400].double()
     mixed = generalized_step(x, out, torch.stack([a600, a400]), torch.stack([a400, a600]),
-                             torch.zeros(2), torch.zeros(2)).prev_sample
+                             torch.zeros(2)).prev_sample
     gen = ddim_step(out[:1], x[:1], torch.tensor([600]), torch.tensor([400]), torch.zeros(1), AC).prev_sample
     inv = invert_step(out[1:], x[1:], torch.tensor([400]), torch.tensor([600]), AC).prev_sample
     torch.testing.assert_close(mixed, torch.cat([gen, inv]), rtol=0, atol=1e-6)
@@ -62,6 +63,12 @@ def test_sigma_is_eq16_and_large_is_sigma_hat() -> None:
     expected = math.sqrt((1 - ap.item()) / (1 - a.item()) * (1 - a.item() / ap.item()))
     assert abs(s1.item() - expected) < 1e-12
     assert ddim_sigma(a, ap, torch.zeros(1, dtype=torch.float64)).item() == 0.0
+    def step_sigmas(alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: torch.Tensor,
+                    large: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        coef = step_coefficients(*vp_levels(alpha, torch.tensor([0])), *vp_levels(alpha_prev, torch.tensor([0])),
+                                 eta, large)
+        return coef.sigma, coef.noise_std
+
     sigma, noise_std = step_sigmas(a, ap, torch.zeros(1, dtype=torch.float64), torch.tensor([True]))
     assert abs(sigma.item() - expected) < 1e-12  # the mean keeps eta = 1's coefficients
     assert abs(noise_std.item() - math.sqrt(1 - a.item() / ap.item())) < 1e-12

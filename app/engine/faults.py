@@ -1,0 +1,23 @@
+"""Telling faults apart, so that each fails only what it touched: an out-of-memory forward is retried in halves,
+a forward that raises fails its rows, a row whose update is not finite fails its request."""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or an allocator's failure on another device."""
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def free_cached(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows of x holding NaN or inf, or None when every row is finite (one reduction)."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    return bad.nonzero().squeeze(1) if bool(bad.any()) else None

@@ -1,0 +1,225 @@
+"""The three tasks a client can ask for, and how each runs as engine jobs.
+
+- generate: one generation job from x_T (drawn from the seed, or given);
+- invert: one inversion job, then (return_reconstruction) a generation job from its x_T;
+- interpolate: the image ends inverted (one job each, side by side), slerp or lerp between the two latents,
+  then one generation job over the frames.
+
+Everything a task needs is validated by prepare(), before any job is queued: a bad request never costs a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from app.engine.errors import InvalidRequest
+from app.engine.handle import Outcome, RequestHandle
+from app.engine.jobs import SampleJob
+from app.models import LoadedModel
+from app.sampling import Spacing, draw, lerp, sample_generators, slerp
+
+__all__ = ["End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work", "prepare"]
+
+if TYPE_CHECKING:
+    from app.engine.client import Engine
+
+ClassLabel = int | str | list[int | str] | None
+
+
+@dataclass
+class _Common:
+    model: str | None = None
+    steps: int = 50
+    schedule: str | None = None
+    class_label: ClassLabel = None
+    guidance_scale: float = 1.0
+    preview_every: int = 0
+
+
+@dataclass
+class GenerateWork(_Common):
+    n: int = 1
+    eta: float = 0.0
+    variance: Literal["eta", "large"] = "eta"
+    seed: int | None = None
+    x_T: torch.Tensor | None = None
+    clip_denoised: bool | None = None
+    task: str = field(default="generate", init=False)
+
+
+@dataclass
+class InvertWork(_Common):
+    images: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [n, C, H, W] in [-1, 1]
+    return_reconstruction: bool = False
+    task: str = field(default="invert", init=False)
+
+
+@dataclass
+class End:
+    """One end of an interpolation: a seed, a latent x_T [C, H, W], or an image [C, H, W] to invert."""
+
+    seed: int | None = None
+    x_T: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+
+
+@dataclass
+class InterpolateWork(_Common):
+    start: End = field(default_factory=End)
+    end: End = field(default_factory=End)
+    frames: int = 8
+    method: Literal["slerp", "lerp"] = "slerp"
+    task: str = field(default="interpolate", init=False)
+
+
+Work = GenerateWork | InvertWork | InterpolateWork
+
+
+@dataclass
+class Prepared:
+    """A validated task: its model, total steps (for progress), the jobs that start it (queued at once, so that a
+    full queue is a 429 before anything else) and the coroutine factory that runs it."""
+
+    model: LoadedModel
+    steps: int
+    run: Any  # Callable[[RequestHandle], Coroutine[Any, Any, Outcome]]
+    first: list[SampleJob] = field(default_factory=list)
+
+
+def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": model.name, "steps": work.steps, "schedule": work.schedule or model.spacings[0]}
+    if model.conditional:
+        out["class_label"] = None if labels is None else [model.class_names[int(i)] for i in labels]
+        out["guidance_scale"] = work.guidance_scale
+    return out
+
+
+def prepare(engine: Engine, work: Work) -> Prepared:
+    """Validate work against its model (raises InvalidRequest, UnknownModel); nothing is queued yet."""
+    model = engine.model(work.model)
+    if work.preview_every < 0:
+        raise InvalidRequest("preview_every", "preview_every must be 0 (none) or a positive number of steps")
+    if isinstance(work, GenerateWork):
+        prepared = _prepare_generate(engine, model, work)
+    elif isinstance(work, InvertWork):
+        prepared = _prepare_invert(engine, model, work)
+    else:
+        prepared = _prepare_interpolate(engine, model, work)
+    _check_work(engine, work, prepared)
+    return prepared
+
+
+def _check_work(engine: Engine, work: Work, prepared: Prepared) -> None:
+    """The work cap: samples x steps over the whole task, a guided sample counting twice."""
+    n = work.n if isinstance(work, GenerateWork) else work.frames if isinstance(work, InterpolateWork) else \
+        int(work.images.shape[0])
+    rows = 2 if work.class_label is not None and work.guidance_scale not in (0.0, 1.0) else 1
+    cost, cap = n * prepared.steps * rows, engine.settings.max_work
+    if cost > cap:
+        field_name = {"generate": "n", "invert": "images", "interpolate": "frames"}[work.task]
+        raise InvalidRequest(field_name, f"this request is {cost} sample-steps ({n} samples x {prepared.steps} steps"
+                                         f"{' x 2 rows for guidance' if rows == 2 else ''}); this server allows at "
+                                         f"most {cap} (DDIM_MAX_WORK): ask for fewer samples or steps")
+
+
+def _check_n(engine: Engine, n: int, field_name: str) -> None:
+    s = engine.settings
+    if n > s.max_n:
+        raise InvalidRequest(field_name, f"{field_name} must be at most {s.max_n} on this server, got {n}")
+
+
+def _prepare_generate(engine: Engine, model: LoadedModel, work: GenerateWork) -> Prepared:
+    _check_n(engine, work.n, "n")
+    labels = engine.class_labels(model, work.class_label, work.n)
+    job, seed = engine.generate_job(model, n=work.n, steps=work.steps, eta=work.eta, large=work.variance == "large",
+                                    schedule=work.schedule, seed=work.seed, x_T=work.x_T, clip=work.clip_denoised,
+                                    class_labels=labels, guidance_scale=work.guidance_scale)
+    job.preview_every = work.preview_every
+    x_T = job.x.clone()
+    fields = {**_echo(model, work, labels), "seed": seed, "n": work.n, "eta": work.eta, "variance": work.variance}
+
+    async def run(handle: RequestHandle) -> Outcome:
+        x_0 = await engine.run(model, _listen(job, handle), handle)
+        engine.count_images(model, "generate", work.n)
+        return Outcome(fields, {"x_T": x_T, "x_0": x_0})
+
+    return Prepared(model, work.steps, run, [job])
+
+
+def _prepare_invert(engine: Engine, model: LoadedModel, work: InvertWork) -> Prepared:
+    n = int(work.images.shape[0])
+    _check_n(engine, n, "images")
+    labels = engine.class_labels(model, work.class_label, n)
+    job = engine.invert_job(model, work.images, steps=work.steps, schedule=work.schedule, class_labels=labels,
+                            guidance_scale=work.guidance_scale)
+    job.preview_every = work.preview_every
+    fields = _echo(model, work, labels)
+
+    async def run(handle: RequestHandle) -> Outcome:
+        x_T = await engine.run(model, _listen(job, handle), handle)
+        tensors = {"x_T": x_T}
+        if work.return_reconstruction:
+            # the inversion never clips, so neither does its round trip (clipping x0 breaks the ODE's symmetry)
+            back, _ = engine.generate_job(model, n=n, steps=work.steps, eta=0.0, large=False, schedule=work.schedule,
+                                          seed=None, x_T=x_T, clip=False, class_labels=labels,
+                                          guidance_scale=work.guidance_scale)
+            back.preview_every = work.preview_every
+            rec = await engine.run(model, _listen(back, handle, offset=work.steps), handle)
+            tensors["reconstruction"] = rec
+            tensors["reconstruction_mse"] = (((rec.clamp(-1, 1) - work.images) / 2) ** 2).flatten(1).mean(1)
+        engine.count_images(model, "invert", n)
+        return Outcome(fields, tensors)
+
+    return Prepared(model, work.steps * (2 if work.return_reconstruction else 1), run, [job])
+
+
+def _end_latent(engine: Engine, model: LoadedModel, end: End, field_name: str) -> torch.Tensor | None:
+    """The latent of a seed or x_T end [C, H, W]; None for an image end (it is inverted first)."""
+    if end.seed is not None:
+        return draw(sample_generators(end.seed, 1), model.sample_shape)[0]
+    if end.x_T is not None:
+        x = end.x_T[None] if end.x_T.dim() == 3 else end.x_T
+        return engine.check_latents(model, x, 1, f"{field_name}.x_T")[0]
+    return None
+
+
+def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWork) -> Prepared:
+    _check_n(engine, work.frames, "frames")
+    engine.check_steps(model, work.steps, work.schedule)
+    labels = engine.class_labels(model, work.class_label, work.frames)
+    ends = {name: (end, _end_latent(engine, model, end, name)) for name, end in (("start", work.start),
+                                                                                  ("end", work.end))}
+    inversions = {name: engine.invert_job(model, end.image[None], steps=work.steps, schedule=work.schedule,
+                                          class_labels=None if labels is None else labels[[k]],
+                                          guidance_scale=work.guidance_scale)
+                  for (name, (end, latent)), k in zip(ends.items(), (0, -1))
+                  if latent is None and end.image is not None}
+    fields = {**_echo(model, work, labels), "frames": work.frames, "method": work.method}
+    offset = work.steps if inversions else 0
+    mix = slerp if work.method == "slerp" else lerp
+
+    async def run(handle: RequestHandle) -> Outcome:
+        inverted = await asyncio.gather(*(engine.run(model, _listen(j, handle), handle) for j in inversions.values()))
+        latent: dict[str, torch.Tensor | None] = {name: latent for name, (_, latent) in ends.items()}
+        latent |= {name: x[0] for name, x in zip(inversions, inverted)}
+        x0, x1 = latent["start"], latent["end"]
+        assert x0 is not None and x1 is not None
+        latents = torch.stack([mix(x0, x1, i / (work.frames - 1)) for i in range(work.frames)])
+        job, _ = engine.generate_job(model, n=work.frames, steps=work.steps, eta=0.0, large=False,
+                                     schedule=work.schedule, seed=None, x_T=latents, class_labels=labels,
+                                     guidance_scale=work.guidance_scale)
+        job.preview_every = work.preview_every
+        frames = await engine.run(model, _listen(job, handle, offset), handle)
+        engine.count_images(model, "interpolate", work.frames)
+        return Outcome(fields, {"frames": frames, "x_T": latents})
+
+    return Prepared(model, offset + work.steps, run, list(inversions.values()))
+
+
+def _listen(job: SampleJob, handle: RequestHandle, offset: int = 0) -> SampleJob:
+    job.on_progress, job.tag = handle.progress_listener(asyncio.get_running_loop(), offset), handle.request_id
+    return job
