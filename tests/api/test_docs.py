@@ -86,6 +86,9 @@ def test_every_documented_response_is_what_the_server_sends(openapi: dict[str, A
         assert r.status_code == 200 and r.headers["content-type"].split(";")[0] == kind, (kind, r.text[:200])
         if kind == "application/json":
             validate(openapi, doc["schema"], r.json())
+        elif kind == "text/event-stream":  # documented event by event: progress events, then the result
+            assert set(doc["schema"]["properties"]["event"]["enum"]) == {"progress", "result", "error", "cancelled"}
+            assert r.text.startswith("event: progress") and "event: result" in r.text
         else:
             assert doc["schema"] == {"type": "string", "format": "binary"} and r.content
     errors = {
