@@ -25,12 +25,10 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
 
     from app.config import Settings
     from app.models import discover, load_model, pick_device
-    from app.models.layout import layouts_for
-    from app.models.memory import keep_freed_memory
+    from app.startup import layouts_for, tune_process
 
     settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
-    if settings.keep_freed_memory:
-        keep_freed_memory()
+    tune_process(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     name = args.model or settings.default_model

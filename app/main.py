@@ -26,6 +26,7 @@ from app.engine.client import Engine
 from app.metrics import Metrics
 from app.middleware import RequestMiddleware
 from app.playground import install as install_playground
+from app.startup import tune_process
 
 log = logging.getLogger(__name__)
 DOCS_ASSETS = "/docs-assets"
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     logs.setup(settings.log_json)
+    tune_process(settings)  # before anything allocates much: malloc keeps freed memory
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_config=None, access_log=False,
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5)

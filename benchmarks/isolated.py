@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.models import LoadedModel, load_model
-from app.models.memory import GLIBC, GLIBC_TOP_PAD, M_TOP_PAD, keep_freed_memory
+from app.startup.memory import GLIBC, GLIBC_TOP_PAD, M_TOP_PAD, keep_freed_memory
 from benchmarks.fastpaths import rate
 
 T = TypeVar("T")

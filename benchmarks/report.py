@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.features import FEATURES_JSON, report_lines
+from benchmarks.format import fmt
 
 NOTES = """## How to read these numbers
 
@@ -31,9 +32,10 @@ NOTES = """## How to read these numbers
   /proc) and the load generator 0.3 %; on two cores each such millisecond stalls a forward whose
   two threads hold both of them. (3) The process itself: fresh processes that had timed both
   memory layouts before settling on one ran the kept one slower, some of them for their whole life
-  (the layout-choice table above). Until commit 1b696ce the server did exactly that at warm-up; it
+  (the layout-choice table above). Before the layout choice moved into a throwaway process, the server
+  did exactly that at warm-up; it
   now times the layouts in a throwaway process and loads each model directly in the faster one
-  (`app/models/layout.py`). Directly loaded processes still differed: in float32 with
+  (`app/startup/layout.py`). Directly loaded processes still differed: in float32 with
   channels_last on the bundled model, some servers and some engine processes ran 8-15 % slower
   than others in every slice of their life. The likely cause was glibc's thread arena, which unmapped and
   faulted in one of its heaps every step in some processes and not in others (see "Keep freed
@@ -50,7 +52,7 @@ NOTES = """## How to read these numbers
   speeds in a process's main thread and in its other threads (the malloc table of each model).
 - **Keep freed memory.** Under glibc's defaults every forward faulted its activations in again as
   fresh zeroed pages. `DDIM_KEEP_FREED_MEMORY=true` (the server's default) fixes malloc's mmap and
-  trim thresholds and its top pad once at startup (`app/models/memory.py`); the malloc table measures
+  trim thresholds and its top pad once at startup (`app/startup/memory.py`); the malloc table measures
   it against the defaults, side by side. The top pad is new in this run: without it, a worker
   thread's arena unmapped one of its 64 MiB heaps and faulted it in again every step, in some
   processes and slices and not in others (the top-pad study above: 14,000-18,000 page faults
@@ -120,10 +122,6 @@ AVX512-BF16 or AMX and on CUDA, else float32) and `DDIM_CHANNELS_LAST=auto` (bot
 throwaway process, the faster kept; each server here times them afresh, with a layout cache of its own)."""
 
 
-def fmt(x: float | None, d: int = 1) -> str:
-    return "–" if x is None else f"{x:.{d}f}"
-
-
 def _ok(good: bool) -> str:
     return "yes" if good else "**no**"
 
@@ -186,7 +184,7 @@ def _allocator(r: dict[str, Any]) -> list[str]:
     return [*lines, "", f"{len(cols)} processes measured in turn, the median of each"
             + (" (in brackets: minor page faults per forward)" if faults else "") + "; \"thread\": the loop runs",
             "in a thread other than the process's main thread, as the server's forwards do. \"kept, no top pad\":",
-            "DDIM_KEEP_FREED_MEMORY as it was before it set the top pad (app/models/memory.py says why)"
+            "DDIM_KEEP_FREED_MEMORY as it was before it set the top pad (app/startup/memory.py says why)"
             + ("." if "top_pad" in next(iter(r["allocator"].values())).get("kept, no top pad, thread", {"top_pad": 0})
                else "; in this run with a top pad of 0 instead of glibc's 128 KiB."), ""]
 
@@ -269,6 +267,6 @@ def write_report(results: dict[str, Any], out: Path, studies: list[str] | None =
 if __name__ == "__main__":  # python -m benchmarks.report results.json docs/benchmarks.md: rewrite from the JSON
     import sys
 
-    from benchmarks.studies import studies_next_to
+    from benchmarks.studies import study_sections
 
-    write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), studies_next_to(Path(sys.argv[1])))
+    write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), study_sections())

@@ -28,8 +28,8 @@ from benchmarks.paired import paired_round, summary
 from benchmarks.peer import ddim_pipeline
 from benchmarks.quality import dtype_quality
 from benchmarks.report import write_report
-from benchmarks.studies import studies_next_to
-from tests.server import running_server
+from benchmarks.studies import study_sections
+from harness.server import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = str(os.cpu_count() or 1)
@@ -203,7 +203,7 @@ def main() -> None:
             raise SystemExit(f"unknown model {name!r}: fashion-mnist, cifar10-arch or a model folder")
         results["models"].append(bench_model(name, folder, batch, a))
         Path(a.json).write_text(json.dumps(results, indent=2))
-    write_report(results, Path(a.out), studies_next_to(Path(a.json)))
+    write_report(results, Path(a.out), study_sections())
     print(Path(a.out).read_text())
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from benchmarks.load import closed_loop
-from tests.server import server_process
+from harness.server import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"n": 1, "steps": 20}

@@ -1,6 +1,6 @@
 """The CLI and the server give the same numbers for the same seeds: same model, same settings, every start.
 
-Both choose the memory layout through app.models.layout.layouts_for (DDIM_CHANNELS_LAST, or the choice kept for
+Both choose the memory layout through app.startup.layout.layouts_for (DDIM_CHANNELS_LAST, or the choice kept for
 this model and machine), and a lone request runs as one batch, as the CLI does: so the PNGs are byte-equal and
 the latents bit-equal, in whatever dtype DDIM_DTYPE=auto picks on this machine.
 """
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.api.helpers import npy
-from tests.server import running_server
+from harness.server import running_server
 
 # running_server sets these for the server; the CLI gets the same
 SAME = {"DDIM_THREADS": "1", "OMP_NUM_THREADS": "1", "DDIM_MAX_BATCH_SIZE": "16"}

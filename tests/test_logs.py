@@ -13,7 +13,7 @@ import pytest
 from diffusers.utils import logging as diffusers_logging
 
 from app import logs
-from tests.server import running_server
+from harness.server import running_server
 
 NO_INFORMATION = "should be kept in float32"  # diffusers says so on every dtype cast, with an empty list of modules
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.server import running_server
+from harness.server import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

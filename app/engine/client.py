@@ -24,8 +24,7 @@ from app.engine.jobs import JobResult, SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
-from app.models.layout import layouts_for
-from app.models.memory import MMAP_THRESHOLD_MAX, keep_freed_memory
+from app.startup import layouts_for, tune_process, warm_up
 from app.sampling import Direction, Plan, ScheduleError, draw, is_stochastic, sample_generators
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,7 @@ class Engine:
         """Load every model of the store, warm each up, start its worker (blocking; run in a thread)."""
         s = self.settings
         started = time.monotonic()
-        if s.keep_freed_memory and keep_freed_memory():
-            log.info("malloc keeps freed memory (mmap threshold %d MiB)", MMAP_THRESHOLD_MAX >> 20)
+        tune_process(s)  # done already where main.py started the process; an engine made elsewhere needs it here
         device = pick_device(s.device)
         names = discover(s.model_store)
         if not names:
@@ -82,7 +80,7 @@ class Engine:
         try:
             model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
                                channels_last=channels_last)
-            self._prepare(model, budget_from=started)
+            warm_up(model, s, budget_from=started)
             worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                                  batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
         except BaseException as e:
@@ -90,18 +88,6 @@ class Engine:
             return
         loaded.set_result((model, worker))
         worker.run_here()
-
-    def _prepare(self, model: LoadedModel, budget_from: float) -> None:
-        """Compiling and warm-up, in the model's own thread."""
-        s = self.settings
-        if s.threads:  # torch's thread settings are per thread under OpenMP: set them where forwards run
-            torch.set_num_threads(s.threads)
-        if s.compile:
-            budget = max(0.0, s.compile_budget_seconds - (time.monotonic() - budget_from))
-            model.forward.compile(s.max_batch_size, budget, model.sample_shape)
-        if s.warmup:
-            for b in sorted({1, s.max_batch_size}):
-                model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500.0))
 
     def _supervise(self, every: float = 0.5) -> None:
         """Restart a worker whose thread died (a fault past its step's containment); /readyz is 503 meanwhile."""

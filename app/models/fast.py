@@ -51,7 +51,7 @@ class Forward:
 
     def time_layouts(self, batch: int, sample_shape: tuple[int, int, int], rounds: int = 3) -> dict[bool, float]:
         """The best seconds per forward at this batch size in each layout (channels_last: False, True), timed
-        alternating. Run it in a process of its own (app.models.layout, which says why)."""
+        alternating. Run it in a process of its own (app.startup.layout, which says why)."""
         x, t = torch.randn(batch, *sample_shape), torch.full((batch,), 500)
         best = {False: float("inf"), True: float("inf")}
         for _ in range(rounds):

@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import running_server
+from harness.server import running_server
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import running_server
+from harness.server import running_server
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from app.train.data import load_split
 from tests.api.helpers import npy, png_b64
-from tests.server import running_server
+from harness.server import running_server
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.api.helpers import npy, png
 from tests.conftest import TINY_CLASSES
-from tests.server import running_server
+from harness.server import running_server
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from tests.api.helpers import sse_events
-from tests.server import server_process
+from harness.server import server_process
 
 
 def _post_in_thread(url: str, body: dict, out: dict) -> threading.Thread:

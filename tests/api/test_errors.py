@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.api.helpers import npy_b64, png_b64
-from tests.server import running_server
+from harness.server import running_server
 
 PNG = png_b64(Image.new("RGB", (8, 8), "red"))
 TRUNCATED_PNG = base64.b64encode(base64.b64decode(PNG)[:40]).decode()
@@ -186,7 +186,7 @@ def test_not_ready_is_503(tmp_path: Path) -> None:
     import sys
     import time
 
-    from tests.server import free_port
+    from harness.server import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "app.main", "--port", str(port), "--model-store", str(tmp_path)],

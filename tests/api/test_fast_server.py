@@ -10,7 +10,7 @@ import torch
 
 from app.models.fast import bf16_supported
 from tests.api.helpers import npy
-from tests.server import running_server
+from harness.server import running_server
 
 # bf16 keeps 8 mantissa bits; over S = 10 deterministic steps the relative L2 error of x_0 stays
 # within 3e-2 (float32 with channels_last alone: 1e-5)

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.api.helpers import npy, png, sse_events, wait_for
-from tests.server import running_server
+from harness.server import running_server
 
 LONG = {"steps": 1000, "n": 4, "seed": 1}  # ~seconds on the tiny model: long enough to catch it running
 

@@ -10,7 +10,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.helpers import png_b64
-from tests.server import running_server
+from harness.server import running_server
 
 
 def sample(client: httpx.Client, name: str, **labels: str) -> float:

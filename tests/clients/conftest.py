@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import running_server
+from harness.server import running_server
 
 CLIENT_SRC = Path(__file__).resolve().parents[2] / "clients" / "python"
 sys.path.insert(0, str(CLIENT_SRC))

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.server import free_port, running_server, stop
+from harness.server import free_port, running_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy/grafana/dashboards/ddim-serve.json"

@@ -12,7 +12,7 @@ import torch
 
 from app.models import ModelStoreError, load_model
 from app.models.fast import Forward, bf16_supported
-from app.models.layout import faster_layouts
+from app.startup.layout import faster_layouts
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def _layouts_in_a_daemon(folder: Path, answers: Any) -> None:
     warnings: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("app.models.layout").addHandler(handler)
+    logging.getLogger("app.startup.layout").addHandler(handler)
     try:
         answers.put((faster_layouts([folder], device=torch.device("cpu"), dtype="float32", batch=2, rounds=1),
                      warnings))

@@ -12,7 +12,7 @@ import pytest
 from app.models.folder import random_model_folder
 from tests.conftest import LINEAR_SCHEDULER, TINY_CLASSES, TINY_UNET
 from tests.playground.browser import chromium
-from tests.server import running_server
+from harness.server import running_server
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.playground.browser import chromium, screenshot, wait_until
-from tests.server import running_server
+from harness.server import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Why DDIM_KEEP_FREED_MEMORY sets glibc's top pad (app/models/memory.py).
+"""Why DDIM_KEEP_FREED_MEMORY sets glibc's top pad (app/startup/memory.py).
 
 Fresh processes run the raw forward loop of the bundled model in a thread other than their main
 thread, as the server's worker does, with the server's layout choice. Half of them keep freed
@@ -7,9 +7,9 @@ top pad"). In each group the processes are measured in turn, a few slices each, 
 computes at a time, after a slice each to warm up. Each slice records the rate and the minor page
 faults per forward; a slice "faults" above 1,000 per forward (a warmed loop has next to none).
 
-    python -m benchmarks.top_pad [--groups 4] [--per-group 4] [--slices 5] [--seconds 2]
+    python -m benchmarks.studies.top_pad [--groups 4] [--per-group 4] [--slices 5] [--seconds 2]
 
-It writes benchmarks/top_pad.json, which `python -m benchmarks.report` renders.
+It writes benchmarks/studies/top_pad.json, which `python -m benchmarks.report` renders.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from app.models.layout import faster_layouts
+from app.startup.layout import faster_layouts
 from benchmarks.isolated import Resident, in_turn, malloc_loop
 from benchmarks.studies import save_study
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("kept", "kept, no top pad")
 FAULTING = 1000  # page faults per forward
 
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--model", default=str(ROOT / "model_store" / "fashion-mnist"))
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "top_pad.json"))
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "studies" / "top_pad.json"))
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     folder = Path(a.model)

@@ -1,4 +1,4 @@
-"""Why the server times memory layouts in a throwaway process (app/models/layout.py).
+"""Why the server times memory layouts in a throwaway process (app/startup/layout.py).
 
 Fresh processes run the same raw forward loop on the bundled model with the server's defaults.
 Half of them first time both layouts themselves, as the server did before ("in-process"); the
@@ -7,9 +7,9 @@ other half load the layout chosen in a throwaway process directly, as the server
 in turn, a few slices each, so that only one computes at a time; each process's median is taken
 relative to the mean of its group's throwaway processes.
 
-    python -m benchmarks.layout_choice [--groups 4] [--per-group 10] [--seconds 2]
+    python -m benchmarks.studies.layout_choice [--groups 4] [--per-group 10] [--seconds 2]
 
-It writes benchmarks/layout_choice.json, which `python -m benchmarks.report` renders.
+It writes benchmarks/studies/layout_choice.json, which `python -m benchmarks.report` renders.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from app.models import load_model
-from app.models.layout import faster_layouts
-from app.models.memory import keep_freed_memory
+from app.startup.layout import faster_layouts
+from app.startup.memory import keep_freed_memory
 from benchmarks.isolated import Resident, forward_loop, in_turn, warmed_loop
 from benchmarks.studies import save_study
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def in_process(folder: Path, batch: int, dtype: str, channels_last: bool) -> Callable[[float], float]:
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--model", default=str(ROOT / "model_store" / "fashion-mnist"))
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "layout_choice.json"))
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "studies" / "layout_choice.json"))
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     folder, dtype = Path(a.model), "auto"

@@ -5,9 +5,9 @@ reference), then the same seeds each alone (batch 1), inside a batch of 2n (besi
 batch of n in the channels_last layout; in each dtype. Each is compared with the reference as 8-bit pixels (as
 the PNGs carry them) and as latents. In one process, one configuration after another: no timing is involved.
 
-    python -m benchmarks.batch_composition [--n 8] [--steps 20] [--dtypes float32,bfloat16]
+    python -m benchmarks.studies.batch_composition [--n 8] [--steps 20] [--dtypes float32,bfloat16]
 
-It writes benchmarks/batch_composition.json, which `python -m benchmarks.report` renders.
+It writes benchmarks/studies/batch_composition.json, which `python -m benchmarks.report` renders.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from app.sampling import draw, sample_generators, timestep_sequence
 from app.sampling.loop import sample
 from benchmarks.studies import save_study
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(model: Any, seeds: list[int], steps: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--model", default=str(ROOT / "model_store" / "fashion-mnist"))
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "batch_composition.json"))
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "studies" / "batch_composition.json"))
     a = p.parse_args()
     folder, seeds, others = Path(a.model), list(range(a.n)), list(range(1000, 1000 + a.n))
     rows = []

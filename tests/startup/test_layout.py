@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.models.layout import layout_key, layouts_for
+from app.startup.layout import layout_key, layouts_for
 
 CPU = torch.device("cpu")
 
@@ -58,6 +58,6 @@ def test_a_cache_that_cannot_be_written_means_contiguous(tiny_store: Path, tmp_p
                                                          caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "a-file").write_text("")
     cache = tmp_path / "a-file" / "layouts.json"  # its folder is a file
-    with caplog.at_level(logging.WARNING, "app.models.layout"):
+    with caplog.at_level(logging.WARNING, "app.startup.layout"):
         assert layouts_for([tiny_store / "tiny-rgb"], CPU, settings(tiny_store, cache)) == [False]
     assert "cannot keep the layout choice" in caplog.text and "DDIM_LAYOUT_CACHE" in caplog.text

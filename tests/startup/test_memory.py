@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.models import memory
+from app.startup import memory
 
 # One "step" mallocs `blocks` blocks of 8 MiB, touches them and frees them all, as a forward does with
 # its activations (torch's CPU allocator is malloc). The probe prints what RSS keeps after the first
@@ -25,7 +25,7 @@ from app.models import memory
 # thresholds without the top pad: enough in the main thread, not in another.
 PROBE = """
 import ctypes, resource, sys, threading
-from app.models.memory import (GLIBC, GLIBC_TOP_PAD, M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD,
+from app.startup.memory import (GLIBC, GLIBC_TOP_PAD, M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD,
                                MMAP_THRESHOLD_MAX, TRIM_THRESHOLD, keep_freed_memory)
 
 M_ARENA_MAX = -8
@@ -106,7 +106,7 @@ def test_a_worker_threads_arena_keeps_its_heaps() -> None:
 
 @pytest.mark.skipif(JEMALLOC is None, reason="needs libjemalloc2 (installed by .ci/run)")
 def test_with_another_malloc_preloaded_it_reports_false() -> None:
-    code = "from app.models.memory import keep_freed_memory; print(keep_freed_memory())"
+    code = "from app.startup.memory import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "LD_PRELOAD": JEMALLOC}, cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "False"

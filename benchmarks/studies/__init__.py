@@ -1,7 +1,7 @@
 """The studies behind some of the server's defaults, each a script of its own that writes a JSON file
-next to make bench's results: why the layout is timed in a throwaway process (benchmarks.layout_choice),
-why DDIM_KEEP_FREED_MEMORY sets glibc's top pad (benchmarks.top_pad), and how far outputs move with the
-batch and the layout (benchmarks.batch_composition). Rendered into
+next to make bench's results: why the layout is timed in a throwaway process (benchmarks.studies.layout_choice),
+why DDIM_KEEP_FREED_MEMORY sets glibc's top pad (benchmarks.studies.top_pad), and how far outputs move with the
+batch and the layout (benchmarks.studies.batch_composition). Rendered into
 docs/benchmarks.md by benchmarks.report when their JSON files are there.
 """
 
@@ -12,23 +12,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import fmt
+from benchmarks.format import fmt, git_commit
 
 
-def studies_next_to(results_json: Path) -> list[str]:
-    """The sections of the studies whose JSON files lie next to results_json."""
+HERE = Path(__file__).resolve().parent
+
+
+def study_sections() -> list[str]:
+    """The sections of the studies whose JSON files are here (benchmarks/studies/)."""
     lines: list[str] = []
     for name, render in STUDIES.items():
-        if (path := results_json.parent / f"{name}.json").exists():
+        if (path := HERE / f"{name}.json").exists():
             lines += render(json.loads(path.read_text()))
     return lines
 
 
 def save_study(args: dict[str, Any], root: Path, **fields: Any) -> dict[str, Any]:
     """Write a study's JSON file (args["json"]): its arguments for the record, paths inside the repository
-    relative to it, then fields. What was written."""
+    relative to it, the commit it ran at (metadata, never prose), then fields. What was written."""
     out = {"args": {k: str(Path(v).resolve().relative_to(root)) if k in ("model", "json")
-                    and Path(v).resolve().is_relative_to(root) else v for k, v in args.items()}, **fields}
+                    and Path(v).resolve().is_relative_to(root) else v for k, v in args.items()},
+           "commit": git_commit(root), **fields}
     Path(args["json"]).write_text(json.dumps(out, indent=2))
     return out
 
@@ -36,11 +40,13 @@ def save_study(args: dict[str, Any], root: Path, **fields: Any) -> dict[str, Any
 def _layout_choice(c: dict[str, Any]) -> list[str]:
     a = c["args"]
     lines = ["## The layout choice: in the server's process, or in a throwaway one", "",
-             f"`python -m benchmarks.layout_choice` (arguments {a}). Fresh processes ran the raw forward loop of "
+             f"`python -m benchmarks.studies.layout_choice` (arguments {a}). Fresh processes ran the raw forward "
+             "loop of "
              f"{c['model']} at batch {c['batch']} (channels_last: {c['channels_last']}, the server's defaults "
              "otherwise), in groups of "
              f"{a['per_group']} measured in turn, {a['slices']} slices of {a['seconds']} s each. **in-process**: the "
-             "process timed both layouts before its loop, as the server's warm-up did until commit 1b696ce. "
+             "process timed both layouts before its loop, as the server's warm-up did before the layout choice "
+             "moved into a throwaway process. "
              "**throwaway**: it loaded the layout that a throwaway process chose, as the server does now. Each "
              "process's median rate is taken relative to the mean of its group's throwaway processes.", "",
              "| kind | processes | mean | min | max | below 0.9 |", "|---|---|---|---|---|---|"]
@@ -53,12 +59,12 @@ def _layout_choice(c: dict[str, Any]) -> list[str]:
 def _top_pad(c: dict[str, Any]) -> list[str]:
     a = c["args"]
     lines = ["## Keeping freed memory: with glibc's top pad, or without", "",
-             f"`python -m benchmarks.top_pad` (arguments {a}). Fresh processes ran the raw forward loop of "
+             f"`python -m benchmarks.studies.top_pad` (arguments {a}). Fresh processes ran the raw forward loop of "
              f"{c['model']} at batch {a['batch']} in {a['dtype']} (channels_last: {c['channels_last']}) in a thread "
              "other than their main thread, as the server's worker does, in groups of "
              f"{a['per_group']} measured in turn, {a['slices']} slices of {a['seconds']} s each. **kept**: "
              "DDIM_KEEP_FREED_MEMORY as the server sets it now. **kept, no top pad**: as it was before "
-             "(app/models/memory.py says why the pad matters). Rates are relative to the mean of the group's kept "
+             "(app/startup/memory.py says why the pad matters). Rates are relative to the mean of the group's kept "
              "processes; a slice faults above 1,000 minor page faults per forward.", "",
              "| kind | processes | mean | min | max | faulting slices | rate of faulting slices | rate of the others |",
              "|---|---|---|---|---|---|---|---|"]
@@ -72,7 +78,8 @@ def _top_pad(c: dict[str, Any]) -> list[str]:
 def _batch_composition(c: dict[str, Any]) -> list[str]:
     a = c["args"]
     lines = ["## How far outputs move with the batch and the layout", "",
-             f"`python -m benchmarks.batch_composition` (arguments {a}; {c['machine']}). {c['model']} samples seeds "
+             f"`python -m benchmarks.studies.batch_composition` (arguments {a}; {c['machine']}). {c['model']} "
+             "samples seeds "
              f"0..{a['n'] - 1} with DDIM (η = 0, S = {a['steps']}) as one batch of {a['n']} in the contiguous layout, "
              "the reference; each row runs the same seeds another way and compares the images with the "
              "reference as 8-bit pixels (as the PNGs carry them) and as latents ([-1, 1] range).", "",

@@ -31,7 +31,7 @@ import torch
 
 from app.config import Settings
 from app.models.fast import bf16_supported
-from app.models.memory import keep_freed_memory
+from app.startup.memory import keep_freed_memory
 from app.models.store import ModelFiles, ModelStoreError, load_model
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""What the tests and the benchmarks share: a real ddim-serve process on loopback."""
