@@ -96,6 +96,11 @@ def evaluate_flow(flow: LoadedModel, ddpm: LoadedModel, clf: FMNISTClassifier, c
     return r
 
 
+def _steps(model: LoadedModel) -> str:
+    path = model.path / "training.json"
+    return f"{json.loads(path.read_text())['step']:,}" if path.exists() else "?"
+
+
 def flow_md(r: FlowResults, cfg: FlowEvalConfig, flow: LoadedModel, ddpm: LoadedModel, command: str) -> str:
     head = "| | " + " | ".join(f"S = {s}" for s in cfg.steps) + " |\n|---|" + "---|" * len(cfg.steps) + "\n"
     fid_rows = "".join(f"| {row} | " + " | ".join(f"{r.fid[row, s]:.2f}" for s in cfg.steps) + " |\n"
@@ -117,7 +122,8 @@ def flow_md(r: FlowResults, cfg: FlowEvalConfig, flow: LoadedModel, ddpm: Loaded
 (DDPM, DDIM eta = 0), measured with the same seeds 0..{cfg.n - 1} in every cell. FID-FMNIST is the Frechet
 distance between the project's Fashion-MNIST classifier's features of {cfg.n} samples and of the 10,000 test
 images (lower is better; see [quality.md](quality.md) for what it is and its floor at small n). Guided rows ask
-for class i % 10 of seed i. Made in {r.seconds / 60:.0f} minutes by
+for class i % 10 of seed i. Training so far: {_steps(flow)} optimiser steps for the flow model, {_steps(ddpm)} for
+the DDPM model, at the same batch size: not yet a comparison between equals. Made in {r.seconds / 60:.0f} minutes by
 
 ```sh
 {command}

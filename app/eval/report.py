@@ -159,6 +159,7 @@ weights cannot be downloaded here, so FID is **FID-FMNIST**: the Fréchet distan
 test accuracy {meta['classifier_accuracy']}; features averaged over each image and its mirror image, as the
 model was trained on flipped images too) for generated images and for all 10,000 test images.
 Its numbers are not on the scale of CIFAR10/Inception FID: compare trends and ratios, not values.
+The class-conditional rectified-flow model `fashion-mnist-flow` is measured beside this model's DDIM η = 0 row in [quality-flow.md](quality-flow.md): FID-FMNIST by S, unconditional and guided, the classifier's agreement with the requested class, and flow against DDIM inversion.
 
 ## Table 1: FID-FMNIST by S and η (paper's CIFAR10 FID in brackets)
 
