@@ -78,7 +78,7 @@ def engine_loop(store: Path, batch: int, dtype: str, channels_last: bool, keep_f
     engine.load()
     m = engine.model(None)
     worker = engine.workers[m.name]
-    seq, seeds = m.plan(steps, "uniform", "generate"), iter(range(10**9))
+    seq, seeds = m.plan(steps, m.spacings[0], "generate"), iter(range(10**9))
 
     def submit(_: object = None) -> None:
         job = SampleJob("generate", draw(sample_generators(next(seeds), 1), m.sample_shape), seq)
