@@ -3,9 +3,12 @@ PYTHON ?= python3
 # extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" where the
 # default index would give a CUDA build
 TORCH_PIP_ARGS ?=
+# the package's extras: dev by default; CI adds ray (EXTRAS=dev,ray) so that the Ray Serve tests run
+EXTRAS ?= dev
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed-stamp
+STAMP   = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma  := ,
 
 .PHONY: install serve test bench lint clean fuzz soak
 
@@ -14,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# the CPU build of torch first, so that nothing pulls a CUDA build (see README for GPUs)
 	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
