@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)  # after ray.init, which installs its own
     signal.signal(signal.SIGINT, on_signal)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # the proxy retries seeded, idempotent requests whose replica died (app/distributed/proxy.py); Serve applies
+        # controller_options only when this call starts it
+        proxy_env = {**env, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "app.distributed.proxy:middlewares"}
+        serve.start(http_options={"host": args.host, "port": args.port},
+                    controller_options={"runtime_env": {"env_vars": proxy_env}})
         serve.run(application, name=args.name, route_prefix="/", blocking=False)
         log.info("ddim-serve-ray: serving on http://%s:%d (%s replicas)", args.host, args.port, args.replicas or "auto")
         while not stop.wait(1.0):
