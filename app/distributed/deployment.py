@@ -28,6 +28,7 @@ from app.main import create_app
 
 log = logging.getLogger(__name__)
 NAMESPACE = "ddim-serve"
+HEARTBEAT_SECONDS = 5.0
 
 
 def directory_name(app_name: str) -> str:
@@ -77,7 +78,20 @@ class DDIMServer:
         self.internal = uvicorn.Server(uvicorn.Config(self.fastapi, lifespan="off", log_config=None, access_log=False))
         self.internal_task = asyncio.get_running_loop().create_task(self.internal.serve(sockets=[sock]))
         await self.directory.add_replica.remote(self.replica_id, self.address)
+        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        self.fastapi.add_api_route("/metrics/targets", self.metrics_targets, include_in_schema=False)
         log.info("replica %s: internal address %s", self.replica_id, self.address)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            with contextlib.suppress(Exception):  # the directory restarts (max_restarts); the next beat re-registers
+                await self.directory.add_replica.remote(self.replica_id, self.address)
+
+    async def metrics_targets(self) -> list[dict[str, Any]]:
+        """Prometheus HTTP service discovery: every live replica's internal address, labelled with its id."""
+        live: dict[str, str] = await self.directory.replicas.remote()
+        return [{"targets": [address], "labels": {"replica": rid}} for rid, address in sorted(live.items())]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.fastapi
@@ -91,6 +105,7 @@ class DDIMServer:
     async def __del__(self) -> None:
         if not hasattr(self, "internal"):  # __init__ failed
             return
+        self.heartbeat.cancel()
         self.internal.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.internal_task, 10)

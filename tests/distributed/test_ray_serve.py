@@ -8,6 +8,7 @@ an operator's would, and is stopped with SIGTERM at the end. Skipped without the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,6 +145,12 @@ def test_concurrent_load_reaches_both_replicas(proxy: httpx.Client) -> None:
     served = {r.headers["x-replica-id"] for r in responses}
     assert served == set(replicas()), (served, replicas())
     assert len(served) == 2
+    targets = proxy.get("/metrics/targets").json()  # Prometheus scrapes each replica, labelled with its id
+    assert sorted(t["labels"]["replica"] for t in targets) == sorted(served)
+    for target in targets:
+        text = httpx.get(f"http://{target['targets'][0]}/metrics", timeout=30).text
+        images = re.search(r'^ddim_images_total\{endpoint="generate",model="tiny"\} ([0-9.e+]+)$', text, re.M)
+        assert images is not None and float(images.group(1)) >= 2, target
 
 
 def test_jobs_are_read_and_cancelled_through_any_replica(proxy: httpx.Client) -> None:
