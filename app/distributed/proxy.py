@@ -1,4 +1,5 @@
-"""Middleware for Serve's HTTP proxy: a seeded, idempotent synchronous request whose replica died is sent again.
+"""Middleware for Serve's HTTP proxy: a seeded, idempotent synchronous request whose replica died is sent again,
+and Serve's own errors are JSON {"detail": ...} as the app's are.
 
 Serve answers a request whose replica died with its own 5xx, one that no replica sent (no X-Replica-ID). Such a
 request is retried, up to RETRIES times, when sending it again gives the same answer: /generate with a seed or x_T
@@ -42,12 +43,43 @@ def _retryable(scope: Scope, body: bytes) -> bool:
     return isinstance(data, dict) and (data.get("seed") is not None or data.get("x_T") is not None)
 
 
+def json_errors(send: Send) -> Send:
+    """Serve's own error answers (429 backpressure, 503, 408: no replica sent them) as the API's JSON {detail}."""
+    held: list[Message] = []
+    body = bytearray()
+
+    async def send_json(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            if int(message["status"]) >= 400 and not any(k.lower() == b"x-replica-id" for k, _ in headers):
+                held.append(message)
+                return
+        elif held:
+            body.extend(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            data = json.dumps({"detail": bytes(body).decode("utf-8", "replace")}).encode()
+            keep = [(k, v) for k, v in held[0].get("headers", []) if k.lower() not in (b"content-type",
+                                                                                       b"content-length")]
+            await send({**held.pop(), "headers": [*keep, (b"content-type", b"application/json"),
+                                                  (b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": data})
+            return
+        await send(message)
+
+    return send_json
+
+
 class RetryOnReplicaDeath:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = json_errors(send)
+        if scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []

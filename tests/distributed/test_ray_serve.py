@@ -69,11 +69,9 @@ def serving(cluster: str, tiny_store: Path) -> Iterator[tuple[str, subprocess.Po
             if proc.poll() is not None:
                 log.seek(0)
                 raise RuntimeError(f"ddim-serve-ray exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+            log.seek(0)
+            if "ddim-serve-ray: serving on" in log.read():  # after serve.run: every replica is up
+                break
             assert time.monotonic() < deadline, "ddim-serve-ray not ready after 180 s"
             time.sleep(0.5)
         yield url, proc
@@ -106,6 +104,21 @@ def generate(client: httpx.Client, body: dict) -> httpx.Response:
     r = client.post("/generate", json=body)
     assert r.status_code == 200, r.text
     return r
+
+
+def test_serve_yaml_builds_the_application() -> None:
+    """deploy/ray/serve.yaml is a valid Serve config whose import path and args build the application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.distributed.deployment import app_builder
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "app.distributed.deployment:app_builder"
+    assert app_builder(application.args) is not None
+    with pytest.raises(ValueError, match="replicaz"):
+        app_builder({**application.args, "replicaz": 2})
 
 
 SEEDED = [{"n": 3, "steps": 8, "eta": 0.0, "seed": 11, "return_latents": True},
@@ -240,7 +253,8 @@ def test_overload_is_429_with_retry_after(proxy: httpx.Client) -> None:
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429}, codes
     assert codes.count(429) >= 1 and codes.count(200) >= 16, codes  # 2 x 8 run at once, at least
-    assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(int(r.headers["retry-after"]) >= 1 and "backpressure" in r.json()["detail"] for r in refused)
 
 
 def test_a_clean_shutdown(serving: tuple[str, subprocess.Popen], proxy: httpx.Client) -> None:  # type: ignore[type-arg]
