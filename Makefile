@@ -10,7 +10,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
 
-.PHONY: install serve test bench lint clean fuzz soak
+.PHONY: install serve test bench bench-ray lint clean fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.run
+
+bench-ray:  # the Ray Serve path against the direct server (docs/ray.md); needs EXTRAS=dev,ray
+	$(MAKE) install EXTRAS=dev,ray
+	$(VENV)/bin/python -m benchmarks.ray_bench --clients 8 --n 2 --steps 10 --seconds 30 --out benchmarks/ray_results.json
 
 fuzz: $(STAMP)  # schema fuzzing of every operation against a live server (docs/reliability.md)
 	$(BIN)/python -m tests.fuzz --examples 200

@@ -96,25 +96,30 @@ def main() -> None:
     store, t = Path(args.model_store), args.threads
     pins = {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false", "DDIM_LOG_JSON": "false"}
     body: dict[str, float] = {"n": args.n, "steps": args.steps, "eta": 0.0}
-    results: dict[str, list[float]] = {"direct": [], f"ray 1x{t}": [], f"ray {t}x1": []}
+    # (label, replicas, threads each): None replicas is the direct server
+    services = [("direct", None, t), (f"ray 1x{t}", 1, t), (f"ray {t}x1", t, 1)]
+    if t > 1:  # the Ray path's own cost, without threads: 1 thread each
+        services += [("direct 1 thread", None, 1), ("ray 1x1", 1, 1)]
+    results: dict[str, list[float]] = {label: [] for label, *_ in services}
     for _ in range(args.rounds):
-        with running_server(store, plain=True, DDIM_THREADS=str(t), OMP_NUM_THREADS=str(t),
-                            DDIM_MAX_BATCH_SIZE="64") as url:
-            results["direct"].append(load(url, args.clients, args.seconds, body)["images_per_s"])
-            print("direct", results["direct"][-1], flush=True)
-        with ray_server(store, 1, t, pins) as url:
-            results[f"ray 1x{t}"].append(load(url, args.clients, args.seconds, body)["images_per_s"])
-            print(f"ray 1x{t}", results[f"ray 1x{t}"][-1], flush=True)
-        with ray_server(store, t, 1, pins) as url:
-            r = load(url, args.clients, args.seconds, body)
-            assert r["replicas_seen"] == t, r
-            results[f"ray {t}x1"].append(r["images_per_s"])
-            print(f"ray {t}x1", r, flush=True)
+        for label, replicas, threads in services:
+            if replicas is None:
+                context = running_server(store, plain=True, DDIM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                                         DDIM_MAX_BATCH_SIZE="64")
+            else:
+                context = ray_server(store, replicas, threads, pins)
+            with context as url:
+                r = load(url, args.clients, args.seconds, body)
+            assert replicas is None or r["replicas_seen"] == replicas, r
+            results[label].append(r["images_per_s"])
+            print(label, r, flush=True)
     mean = {k: sum(v) / len(v) for k, v in results.items()}
-    report = {"load": {**body, "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds},
-              "images_per_s": results, "mean": mean,
-              f"ray 1x{t} / direct": mean[f"ray 1x{t}"] / mean["direct"],
-              f"ray {t}x1 / direct": mean[f"ray {t}x1"] / mean["direct"]}
+    report: dict[str, object] = {"load": {**body, "clients": args.clients, "seconds": args.seconds,
+                                          "rounds": args.rounds}, "images_per_s": results, "mean": mean}
+    for label in mean:
+        if label.startswith("ray"):
+            base = "direct 1 thread" if label == "ray 1x1" and t > 1 else "direct"
+            report[f"{label} / {base}"] = mean[label] / mean[base]
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
