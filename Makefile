@@ -3,11 +3,14 @@ PYTHON ?= python3
 # extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" where the
 # default index would give a CUDA build
 TORCH_PIP_ARGS ?=
+# the package's extras: dev by default; CI adds ray (EXTRAS=dev,ray) so that the Ray Serve tests run
+EXTRAS ?= dev
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed-stamp
+STAMP   = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma  := ,
 
-.PHONY: install serve test bench lint clean fuzz soak
+.PHONY: install serve test bench bench-ray lint clean fuzz soak
 
 # The first run downloads torch and the dependencies (pip shows each download); later runs skip this.
 $(STAMP): pyproject.toml
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 	@echo "==> [3/4] installing torch==2.13.0 first, so that nothing pulls another build (a large download: minutes)"
 	$(BIN)/pip install --progress-bar on $(TORCH_PIP_ARGS) torch==2.13.0
 	@echo "==> [4/4] installing ddim-serve and its dependencies"
-	$(BIN)/pip install --progress-bar on -e '.[dev]'
+	$(BIN)/pip install --progress-bar on -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 	@echo "==> installed; 'make serve' and 'make test' start at once from now on"
 
@@ -36,6 +39,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.run
+
+bench-ray:  # the Ray Serve path against the direct server (docs/ray.md); needs EXTRAS=dev,ray
+	$(MAKE) install EXTRAS=dev,ray
+	$(VENV)/bin/python -m benchmarks.ray_bench --clients 8 --n 2 --steps 10 --seconds 30 --out benchmarks/ray_results.json
 
 fuzz: $(STAMP)  # schema fuzzing of every operation against a live server (docs/reliability.md)
 	$(BIN)/python -m tests.fuzz --examples 200

@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 DOCS_ASSETS = "/docs-assets"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app; works with `uvicorn --factory app.main:create_app` (settings from DDIM_* then)."""
+def create_app(settings: Settings | None = None, *, load_before_serving: bool = False) -> FastAPI:
+    """The app; works with `uvicorn --factory app.main:create_app` (settings from DDIM_* then).
+
+    load_before_serving: the lifespan's startup returns only once the models are loaded (or failed to load), for
+    hosts that count a started app as ready, e.g. a Ray Serve replica (app/distributed); by default /healthz
+    serves while the models load and /readyz says 503 until they are ready."""
     settings = settings or Settings()
     metrics = Metrics()
     engine = Engine(settings, metrics)
@@ -51,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.exception("model loading failed")
 
         task = asyncio.create_task(load())  # /healthz serves while models load; /readyz says 503
+        if load_before_serving:
+            await task
         yield
         task.cancel()
         await drain()  # begun at SIGTERM already (DrainingServer); at once otherwise

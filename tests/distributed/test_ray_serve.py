@@ -1,0 +1,269 @@
+"""ddim-serve-ray on a real local Ray cluster: the same API through Serve's proxy, over two replicas of tiny models.
+
+One cluster for the module (2 CPUs, no dashboard, loopback only); `ddim-serve-ray` joins it as its own process, as
+an operator's would, and is stopped with SIGTERM at the end. Skipped without the ray extra, unless DDIM_REQUIRE_RAY=1
+(CI), where a missing Ray fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.api.helpers import npy, sse_events
+from tests.server import free_port, running_server
+
+try:
+    import ray
+except ImportError:
+    if os.environ.get("DDIM_REQUIRE_RAY") == "1":
+        raise
+    pytest.skip("ray is not installed: pip install -e '.[dev,ray]' (DDIM_REQUIRE_RAY=1 makes this a failure)",
+                allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "ddim"
+PINS = {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false", "DDIM_THREADS": "1", "OMP_NUM_THREADS": "1",
+        "DDIM_MAX_BATCH_SIZE": "16", "DDIM_DEFAULT_MODEL": "tiny", "DDIM_DRAIN_SECONDS": "5"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A local Ray cluster (this process is its head's driver); yields its address."""
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def serving(cluster: str, tiny_store: Path) -> Iterator[tuple[str, subprocess.Popen]]:  # type: ignore[type-arg]
+    """`ddim-serve-ray --replicas 2` joined to the cluster; yields (the proxy's URL, the process)."""
+    port = free_port()
+    env = {**os.environ, **PINS, "PYTHONPATH": str(ROOT)}
+    log = open(Path(tempfile.gettempdir()) / f"ddim-serve-ray-{port}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app.distributed.cli", "--address", cluster, "--model-store",
+                             str(tiny_store), "--replicas", "2", "--num-cpus", "0.5", "--port", str(port),
+                             "--max-ongoing-requests", "8", "--max-queued-requests", "16"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"ddim-serve-ray exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            log.seek(0)
+            if "ddim-serve-ray: serving on" in log.read():  # after serve.run: every replica is up
+                break
+            assert time.monotonic() < deadline, "ddim-serve-ray not ready after 180 s"
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def proxy(serving: tuple[str, subprocess.Popen]) -> Iterator[httpx.Client]:  # type: ignore[type-arg]
+    with httpx.Client(base_url=serving[0], timeout=120) as c:
+        yield c
+
+
+def directory() -> ray.actor.ActorHandle:
+    return ray.get_actor(f"ddim-jobs-{APP}", namespace="ddim-serve")
+
+
+def replicas() -> dict[str, str]:
+    """Replica id -> its internal address, from the job directory."""
+    return dict(ray.get(directory().replicas.remote()))
+
+
+def generate(client: httpx.Client, body: dict) -> httpx.Response:
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_serve_yaml_builds_the_application() -> None:
+    """deploy/ray/serve.yaml is a valid Serve config whose import path and args build the application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.distributed.deployment import app_builder
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "app.distributed.deployment:app_builder"
+    assert app_builder(application.args) is not None
+    with pytest.raises(ValueError, match="replicaz"):
+        app_builder({**application.args, "replicaz": 2})
+
+
+SEEDED = [{"n": 3, "steps": 8, "eta": 0.0, "seed": 11, "return_latents": True},
+          {"n": 2, "steps": 6, "eta": 1.0, "seed": 5, "return_latents": True}]
+
+
+def test_answers_equal_the_single_servers_on_every_replica(proxy: httpx.Client, tiny_store: Path) -> None:
+    with running_server(tiny_store, DDIM_DEFAULT_MODEL="tiny") as url, httpx.Client(base_url=url, timeout=120) as one:
+        expected = [generate(one, body).json() for body in SEEDED]
+        single_models = one.get("/models").json()
+        single_errors = [one.post("/generate", json={"steps": 0}), one.post("/generate", json={"model": "nope"})]
+    seen: set[str] = set()
+    for _ in range(20):  # until both replicas have answered
+        for body, want in zip(SEEDED, expected):
+            r = generate(proxy, body)
+            seen.add(r.headers["x-replica-id"])
+            got = r.json()
+            assert got["images"] == want["images"]
+            for key in ("x_T", "x_0"):
+                np.testing.assert_array_equal(npy(got[key]), npy(want[key]))
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, seen
+    assert proxy.get("/models").json() == single_models
+    for want, got in zip(single_errors, [proxy.post("/generate", json={"steps": 0}),
+                                         proxy.post("/generate", json={"model": "nope"})]):
+        assert (got.status_code, got.json()) == (want.status_code, want.json())
+        assert got.headers["x-replica-id"] in seen
+
+
+def test_concurrent_load_reaches_both_replicas(proxy: httpx.Client) -> None:
+    bodies = [{"n": 2, "steps": 30, "seed": i} for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda b: proxy.post("/generate", json=b, headers={"accept": "application/x-npy"}),
+                                  bodies))
+    assert [r.status_code for r in responses] == [200] * 12
+    served = {r.headers["x-replica-id"] for r in responses}
+    assert served == set(replicas()), (served, replicas())
+    assert len(served) == 2
+    targets = proxy.get("/metrics/targets").json()  # Prometheus scrapes each replica, labelled with its id
+    assert sorted(t["labels"]["replica"] for t in targets) == sorted(served)
+    for target in targets:
+        text = httpx.get(f"http://{target['targets'][0]}/metrics", timeout=30).text
+        images = re.search(r'^ddim_images_total\{endpoint="generate",model="tiny"\} ([0-9.e+]+)$', text, re.M)
+        assert images is not None and float(images.group(1)) >= 2, target
+
+
+def test_jobs_are_read_and_cancelled_through_any_replica(proxy: httpx.Client) -> None:
+    r = proxy.post("/jobs/generate", json={"n": 1, "steps": 1000, "seed": 3, "preview_every": 0})
+    assert r.status_code == 202, r.text
+    job, owner = r.json()["id"], r.headers["x-replica-id"]
+    (other,) = [a for rid, a in replicas().items() if rid != owner]
+    with httpx.Client(base_url=f"http://{other}", timeout=60) as via:
+        state = via.get(f"/jobs/{job}")
+        assert state.status_code == 200 and state.json()["id"] == job
+        assert (state.headers["x-replica-id"], state.headers["x-served-via"]) == (owner, next(
+            rid for rid, a in replicas().items() if a == other))
+        with via.stream("GET", f"/jobs/{job}/events") as events:
+            steps = []
+            for kind, data in sse_events(events):
+                assert kind == "progress"
+                steps.append(data["step"])
+                if len(steps) == 3:
+                    break
+        assert steps == sorted(steps)
+        assert via.get(f"/jobs/{job}/result").status_code == 409
+        cancelled = via.delete(f"/jobs/{job}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert proxy.get(f"/jobs/{job}").json()["status"] == "cancelled"
+
+        short = proxy.post("/jobs/generate", json={"n": 2, "steps": 5, "seed": 8, "return_latents": True}).json()
+        for _ in range(200):
+            if via.get(f"/jobs/{short['id']}").json()["status"] == "succeeded":
+                break
+            time.sleep(0.1)
+        result = via.get(f"/jobs/{short['id']}/result")
+        assert result.status_code == 200, result.text
+        sync = generate(proxy, {"n": 2, "steps": 5, "seed": 8, "return_latents": True}).json()
+        assert result.json()["images"] == sync["images"]
+        assert via.get("/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+
+
+def test_a_replica_killed_with_requests_in_flight(proxy: httpx.Client) -> None:
+    """Seeded synchronous requests on the dead replica are retried on the other (the same answers); its job fails
+    with an error that says so; Serve starts a new replica."""
+    from ray import serve
+
+    job = proxy.post("/jobs/generate", json={"n": 1, "steps": 1000, "seed": 4})
+    victim, job_id = job.headers["x-replica-id"], job.json()["id"]
+    for _ in range(300):  # bounded: until the job runs
+        if proxy.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 1:
+            break
+        time.sleep(0.1)
+    bodies = [{"n": 2, "steps": 200, "seed": 100 + i, "return_latents": True} for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        pending = [pool.submit(proxy.post, "/generate", json=b) for b in bodies]
+        time.sleep(1.0)  # 12 in flight: at most 8 per replica, so some are on the victim
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("SERVE_REPLICA") and a["name"].endswith(victim)]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        responses = [f.result() for f in pending]
+    assert [r.status_code for r in responses] == [200] * 12, [r.text[:200] for r in responses if r.status_code != 200]
+    assert any(r.headers.get("x-retries") for r in responses)
+    assert all(r.headers["x-replica-id"] != victim for r in responses if r.headers.get("x-retries"))
+    for body, r in zip(bodies, responses):  # the seed contract: equal to float32 precision, whatever the batch
+        if r.headers.get("x-retries"):
+            again = generate(proxy, body).json()
+            np.testing.assert_array_equal(npy(again["x_T"]), npy(r.json()["x_T"]))
+            np.testing.assert_allclose(npy(again["x_0"]), npy(r.json()["x_0"]), rtol=1e-4, atol=1e-4)
+
+    state = proxy.get(f"/jobs/{job_id}").json()
+    assert state["status"] == "failed" and state["error"]["status"] == 503, state
+    assert victim in state["error"]["detail"] and "gone" in state["error"]["detail"]
+    assert proxy.get(f"/jobs/{job_id}/result").status_code == 503
+    with proxy.stream("GET", f"/jobs/{job_id}/events") as events:
+        assert [kind for kind, _ in sse_events(events)] == ["error"]
+
+    for _ in range(240):  # bounded: Serve replaces the replica
+        states = serve.status().applications[APP].deployments["DDIMServer"].replica_states
+        if states.get("RUNNING") == 2:
+            break
+        time.sleep(0.5)
+    assert states.get("RUNNING") == 2, states
+    assert proxy.get("/readyz").status_code == 200
+
+
+def test_overload_is_429_with_retry_after(proxy: httpx.Client) -> None:
+    """2 replicas x 8 ongoing + 16 queued: past that, of 48 concurrent requests, Serve's proxy refuses some."""
+    with ThreadPoolExecutor(48) as pool:
+        responses = list(pool.map(lambda i: proxy.post("/generate", json={"n": 2, "steps": 150, "seed": i},
+                                                       headers={"accept": "application/x-npy"}), range(48)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) >= 1 and codes.count(200) >= 16, codes  # 2 x 8 run at once, at least
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(int(r.headers["retry-after"]) >= 1 and "backpressure" in r.json()["detail"] for r in refused)
+
+
+def test_a_clean_shutdown(serving: tuple[str, subprocess.Popen], proxy: httpx.Client) -> None:  # type: ignore[type-arg]
+    url, proc = serving
+    assert proxy.get("/readyz").status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(90) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/readyz", timeout=5)
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert f"ddim-jobs-{APP}" not in names
+    assert not [n for n in names if n.startswith("SERVE_")], names  # replicas, proxy and controller are gone
