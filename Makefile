@@ -51,7 +51,7 @@ soak: $(STAMP)  # 2x this machine's capacity for 5 minutes, loopback only (SOAK_
 	$(BIN)/python -m benchmarks.soak --seconds $(or $(SOAK_SECONDS),300)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests benchmarks clients
+	$(BIN)/ruff check app tests benchmarks clients harness
 	$(BIN)/mypy
 
 clean:

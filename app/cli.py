@@ -103,9 +103,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from app.train.ddpm import TrainConfig, export, train
-
     from app.train.data import CLASSES
+    from app.train.ddpm import TrainConfig, export, train
 
     conditional = args.conditional if args.conditional is not None else args.objective == "flow"
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

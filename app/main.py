@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from types import FrameType
 
 import uvicorn
-
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline

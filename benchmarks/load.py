@@ -7,8 +7,8 @@ import json
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
 from tests.server import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]

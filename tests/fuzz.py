@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from app.models.folder import random_model_folder
-from tests.conftest import LINEAR_SCHEDULER, TINY_CLASSES, TINY_UNET
 from harness.server import running_server
+from tests.conftest import LINEAR_SCHEDULER, TINY_CLASSES, TINY_UNET
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = {"DDIM_MAX_STEPS": "20", "DDIM_MAX_N": "4", "DDIM_MAX_REQUEST_SECONDS": "5", "DDIM_MAX_JOBS": "50",

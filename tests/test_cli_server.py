@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api.helpers import npy
 from harness.server import running_server
+from tests.api.helpers import npy
 
 # running_server sets these for the server; the CLI gets the same
 SAME = {"DDIM_THREADS": "1", "OMP_NUM_THREADS": "1", "DDIM_MAX_BATCH_SIZE": "16"}

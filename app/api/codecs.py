@@ -13,7 +13,6 @@ from PIL import Image, UnidentifiedImageError
 from app.engine.errors import InvalidRequest, PayloadTooLarge
 from app.images import from_npy_bytes, to_model_space
 
-
 # The server's own limit (max_image_pixels, checked on the header before any pixel is decoded) replaces Pillow's
 # decompression-bomb check, so that every image over it gets the same message, whatever its size.
 Image.MAX_IMAGE_PIXELS = None

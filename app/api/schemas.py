@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from app.engine.tasks import Spacing
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.engine.tasks import Spacing
 
 Schedule = Spacing  # the schedule names: one definition, in app/sampling/schedules.py, passed on by the engine
 SEED_MAX = 2**62

@@ -18,14 +18,14 @@ import torch
 from app.config import Settings
 from app.engine.errors import DeadlineExceeded, InvalidRequest, ShuttingDown, UnknownModel
 from app.engine.handle import Outcome, RequestHandle
+from app.engine.jobs import JobResult, SampleJob
 from app.engine.jobstore import JobStore
 from app.engine.tasks import Prepared, Work, prepare
-from app.engine.jobs import JobResult, SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
-from app.startup import layouts_for, tune_process, warm_up
 from app.sampling import Direction, Plan, ScheduleError, draw, is_stochastic, sample_generators
+from app.startup import layouts_for, tune_process, warm_up
 
 log = logging.getLogger(__name__)
 

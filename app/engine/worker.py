@@ -19,8 +19,8 @@ import torch
 
 from app.engine.batch import ActiveBatch, Row
 from app.engine.faults import free_cached, is_out_of_memory, nonfinite_rows
-from app.engine.priority import ShortFirst
 from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob
+from app.engine.priority import ShortFirst
 from app.metrics import Metrics
 from app.models import LoadedModel
 from app.sampling import guide, take_step

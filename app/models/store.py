@@ -36,8 +36,8 @@ from app.sampling import (
     alphas_cumprod_from_config,
     check_flow_config,
     flow_plan,
-    guide,
     flow_sigmas,
+    guide,
     timestep_sequence,
     vp_plan,
 )

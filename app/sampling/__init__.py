@@ -17,10 +17,10 @@ from app.sampling.schedules import (
 from app.sampling.step import (
     PREDICTION_TYPES,
     VP_PREDICTION_TYPES,
-    coefficient_dtype,
     PredictionType,
     StepCoefficients,
     StepOutput,
+    coefficient_dtype,
     ddim_sigma,
     ddim_step,
     generalized_step,

@@ -31,8 +31,8 @@ import torch
 
 from app.config import Settings
 from app.models.fast import bf16_supported
-from app.startup.memory import keep_freed_memory
 from app.models.store import ModelFiles, ModelStoreError, load_model
+from app.startup.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 

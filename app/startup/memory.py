@@ -28,8 +28,8 @@ is the sum of each arena's peak.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, from glibc's malloc.h

@@ -14,7 +14,6 @@ from typing import Any
 
 from benchmarks.format import fmt, git_commit
 
-
 HERE = Path(__file__).resolve().parent
 
 

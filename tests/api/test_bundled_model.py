@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from app.train.data import load_split
-from tests.api.helpers import npy, png_b64
 from harness.server import running_server
+from tests.api.helpers import npy, png_b64
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
 

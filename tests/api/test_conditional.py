@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
+from harness.server import running_server
 from tests.api.helpers import npy, png
 from tests.conftest import TINY_CLASSES
-from harness.server import running_server
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.api.helpers import sse_events
 from harness.server import server_process
+from tests.api.helpers import sse_events
 
 
 def _post_in_thread(url: str, body: dict, out: dict) -> threading.Thread:

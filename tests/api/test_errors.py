@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api.helpers import npy_b64, png_b64
 from harness.server import running_server
+from tests.api.helpers import npy_b64, png_b64
 
 PNG = png_b64(Image.new("RGB", (8, 8), "red"))
 TRUNCATED_PNG = base64.b64encode(base64.b64decode(PNG)[:40]).decode()

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from app.models.fast import bf16_supported
-from tests.api.helpers import npy
 from harness.server import running_server
+from tests.api.helpers import npy
 
 # bf16 keeps 8 mantissa bits; over S = 10 deterministic steps the relative L2 error of x_0 stays
 # within 3e-2 (float32 with channels_last alone: 1e-5)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.api.helpers import npy, png, sse_events, wait_for
 from harness.server import running_server
+from tests.api.helpers import npy, png, sse_events, wait_for
 
 LONG = {"steps": 1000, "n": 4, "seed": 1}  # ~seconds on the tiny model: long enough to catch it running
 

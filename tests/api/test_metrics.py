@@ -9,8 +9,8 @@ import httpx
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.helpers import png_b64
 from harness.server import running_server
+from tests.api.helpers import png_b64
 
 
 def sample(client: httpx.Client, name: str, **labels: str) -> float:

@@ -9,7 +9,6 @@ substituted, goes through Prometheus' HTTP API.
 from __future__ import annotations
 
 import base64
-from concurrent.futures import ThreadPoolExecutor
 import io
 import json
 import os
@@ -18,6 +17,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any

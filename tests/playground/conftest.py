@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from app.models.folder import random_model_folder
+from harness.server import running_server
 from tests.conftest import LINEAR_SCHEDULER, TINY_CLASSES, TINY_UNET
 from tests.playground.browser import chromium
-from harness.server import running_server
 
 
 @pytest.fixture(scope="session")

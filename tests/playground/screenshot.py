@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.playground.browser import chromium, screenshot, wait_until
 from harness.server import running_server
+from tests.playground.browser import chromium, screenshot, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
