@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from tests.server import free_port, running_server
+
+from harness.server import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("ruff", path=str(Path(sys.executable).parent)) is None, reason="ruff not installed")
 def test_ruff_clean() -> None:
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
-    r = subprocess.run([str(ruff), "check", "app", "tests", "benchmarks", "clients", "harness"], cwd=ROOT, capture_output=True,
-                       text=True, check=False)
+    r = subprocess.run([str(ruff), "check", "app", "tests", "benchmarks", "clients", "harness"], cwd=ROOT,
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout
 
 

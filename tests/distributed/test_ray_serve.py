@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
+from harness.server import free_port, running_server
 from tests.api.helpers import npy, sse_events
-from tests.server import free_port, running_server
 
 try:
     import ray
