@@ -138,9 +138,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
-if __name__ == "__main__":
-    main()
-
 
 def soak_section(r: dict[str, Any]) -> str:
     """docs/reliability.md's soak table, from soak.json."""
@@ -169,3 +166,7 @@ def write_section(doc: Path, text: str) -> None:
     body = doc.read_text()
     start, end = body.index("<!-- soak -->") + len("<!-- soak -->"), body.index("<!-- /soak -->")
     doc.write_text(body[:start] + "\n" + text + "\n" + body[end:])
+
+
+if __name__ == "__main__":
+    main()
