@@ -10,7 +10,6 @@ import pytest
 from tests.playground.browser import requests_sent, screenshot, wait_until
 
 
-@pytest.mark.xfail(strict=False, reason="needs the offline /docs of issue 14")
 def test_docs_render_with_nothing_from_outside(browser: Any, server: str,
                                                tmp_path_factory: pytest.TempPathFactory) -> None:
     requests_sent(browser)  # forget earlier pages' requests

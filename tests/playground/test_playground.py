@@ -213,7 +213,7 @@ def test_invert_a_dropped_image(browser: Any, server: str, api: httpx.Client, tm
     (tmp_path / "notes.png").write_text("not an image")  # the server's error, in words
     by_id(browser, "invert-file").send_keys(str(tmp_path / "notes.png"))
     said = run(browser, "invert")
-    assert said.startswith("Please check the form: Image: images.0 cannot be decoded as an image"), said
+    assert said.startswith("Please check the form: Image: images.0 is not an image in a format this server reads"), said
     assert "422" not in said
     assert [e["source"] for e in console_errors(browser)] == ["network"]  # Chromium logs the 422 itself
 
