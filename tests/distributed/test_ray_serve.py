@@ -25,6 +25,20 @@ import pytest
 
 from harness.server import free_port, running_server
 from tests.api.helpers import npy, sse_events
+from tests.deploy.dashboard import (
+    NO_PROMETHEUS,
+    PROMETHEUS,
+    dashboard,
+    drive_load,
+    failing_queries,
+    running_prometheus,
+    scrape_config,
+    scraped_after,
+    series,
+    substitute,
+    variable_query,
+    wait_for,
+)
 
 try:
     import ray
@@ -164,6 +178,48 @@ def test_concurrent_load_reaches_both_replicas(proxy: httpx.Client) -> None:
         text = httpx.get(f"http://{target['targets'][0]}/metrics", timeout=30).text
         images = re.search(r'^ddim_images_total\{endpoint="generate",model="tiny"\} ([0-9.e+]+)$', text, re.M)
         assert images is not None and float(images.group(1)) >= 2, target
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
+def test_the_dashboard_over_replicas_on_a_real_prometheus(proxy: httpx.Client, tmp_path: Path) -> None:
+    """A real Prometheus configured as docs/ray.md says finds every replica at /metrics/targets; every dashboard
+    query returns series, the per-replica panels one per replica, labelled; the replica variable lists them; the
+    totals are the sums over replicas; choosing one replica narrows a panel to it."""
+    import yaml
+
+    block = re.search(r"```yaml\n(scrape_configs:.*?)```", (ROOT / "docs/ray.md").read_text(), re.S)
+    assert block, "docs/ray.md lost its scrape config"
+    (job,) = yaml.safe_load(block.group(1))["scrape_configs"]
+    job["http_sd_configs"][0].update(url=f"{proxy.base_url}/metrics/targets", refresh_interval="1s")
+    job["scrape_interval"] = "1s"
+    name = job.pop("job_name")
+    live = {t["labels"]["replica"] for t in proxy.get("/metrics/targets").json()}
+    assert len(live) == 2, live
+    with running_prometheus(scrape_config(name, **job), tmp_path) as prometheus:
+        wait_for(lambda: len(series(prometheus, f'up{{job="{name}"}} == 1')) == 2, "Prometheus never found both")
+        drive_load(str(proxy.base_url), max_queue=None)
+        with ThreadPoolExecutor(12) as pool:  # both replicas busy at once
+            busy = list(pool.map(lambda i: proxy.post("/generate", json={"n": 2, "steps": 30, "seed": i}), range(12)))
+        assert {r.headers["x-replica-id"] for r in busy} == live
+        wait_for(scraped_after(prometheus, name), "Prometheus stopped scraping")
+
+        d = dashboard()
+        failures = failing_queries(prometheus, d)
+        assert not failures, "dashboard queries that fail:\n" + "\n".join(failures)
+        metric, label = variable_query(d, "replica")
+        assert {s["metric"][label] for s in series(prometheus, f"group by ({label}) ({metric})")} == live
+
+        by_title = {p["title"]: p["targets"][0]["expr"] for p in d["panels"] if p.get("targets")}
+        at = time.time()
+        total = series(prometheus, substitute(by_title["Sample-steps/s"], d), at)
+        per_replica = series(prometheus, substitute(by_title["Sample-steps/s by replica"], d), at)
+        assert {s["metric"]["replica"] for s in per_replica} == live
+        values = {s["metric"]["replica"]: float(s["value"][1]) for s in per_replica}
+        assert all(v > 0 for v in values.values()), values
+        assert float(total[0]["value"][1]) == pytest.approx(sum(values.values()), rel=1e-9)
+        one = sorted(live)[0]
+        narrowed = substitute(by_title["Sample-steps/s"].replace("$replica", one), d)
+        assert float(series(prometheus, narrowed, at)[0]["value"][1]) == pytest.approx(values[one], rel=1e-9)
 
 
 def test_jobs_are_read_and_cancelled_through_any_replica(proxy: httpx.Client) -> None:
