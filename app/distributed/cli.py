@@ -15,6 +15,14 @@ from typing import Any
 from app import logs
 
 log = logging.getLogger("ddim.ray")
+# Serve's request path, tuned for throughput: Ray's own RAY_SERVE_THROUGHPUT_OPTIMIZED set, less its direct ingress
+# (which bypasses the proxy, and so its retries). gRPC between proxy and replicas, the app on the replica's own event
+# loop, and buffered Serve logs cut the proxy's and the replica's CPU per request by about a third (docs/ray.md,
+# benchmarks/ray_bench.py). The proxy and the replicas must agree on gRPC: set them on every node of a cluster this
+# command joins. A variable already in the environment wins.
+SERVE_TUNING = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+                "RAY_SERVE_LOG_TO_STDERR": "0"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     from app.distributed.deployment import NAMESPACE, app_builder, directory_name
 
     settings = {k[5:].lower(): v for k, v in os.environ.items() if k.startswith("DDIM_")}
-    env = {k: v for k, v in os.environ.items() if k.startswith("DDIM_") or k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    for name, value in SERVE_TUNING.items():  # a cluster started here inherits them; replicas get them below
+        os.environ.setdefault(name, value)
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("DDIM_") or k in ("PYTHONPATH", "OMP_NUM_THREADS", *SERVE_TUNING)}
     application = app_builder({
         "model_store": args.model_store, "replicas": args.replicas or None, "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
@@ -66,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         # controller_options only when this call starts it
         proxy_env = {**env, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "app.distributed.proxy:middlewares"}
         serve.start(http_options={"host": args.host, "port": args.port},
-                    controller_options={"runtime_env": {"env_vars": proxy_env}})
+                    controller_options={"runtime_env": {"env_vars": proxy_env}},
+                    logging_config={"enable_access_log": False})  # the proxy's: the replicas log every request
         serve.run(application, name=args.name, route_prefix="/", blocking=False)
         log.info("ddim-serve-ray: serving on http://%s:%d (%s replicas)", args.host, args.port, args.replicas or "auto")
         while not stop.wait(1.0):

@@ -146,6 +146,9 @@ def deployment_options(args: RayArgs) -> tuple[dict[str, Any], dict[str, Any]]:
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         "graceful_shutdown_timeout_s": resolved.drain_seconds + 5,
         "health_check_period_s": 5,
+        # the app logs every request itself (request id, status, timings: app/logs.py); Serve's access log per
+        # request would repeat it, at a cost on the request path
+        "logging_config": {"enable_access_log": False},
     }
     if args.replicas is not None:
         options["num_replicas"] = args.replicas

@@ -54,10 +54,14 @@ PINS = {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false", "DDIM_THREADS": 
         "DDIM_MAX_BATCH_SIZE": "16", "DDIM_DEFAULT_MODEL": "tiny", "DDIM_DRAIN_SECONDS": "5"}
 
 
+TEMP_DIR = [""]  # the module's cluster's, where its raylet's sockets are
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A local Ray cluster (this process is its head's driver); yields its address."""
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    TEMP_DIR[0] = temp
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -133,6 +137,32 @@ def test_serve_yaml_builds_the_application() -> None:
     assert app_builder(application.args) is not None
     with pytest.raises(ValueError, match="replicaz"):
         app_builder({**application.args, "replicaz": 2})
+
+
+def test_serve_runs_tuned_for_throughput(serving: tuple[str, subprocess.Popen]) -> None:  # type: ignore[type-arg]
+    """On a cluster it joined, ddim-serve-ray's Serve tuning reaches the proxy and every replica (gRPC between them
+    only works when both agree), through the runtime environments it gives the controller and the replicas."""
+    from app.distributed.cli import SERVE_TUNING
+
+    processes = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            processes[cmdline.parent.name] = (cmdline.read_bytes(), (cmdline.parent / "environ").read_bytes())
+        except OSError:  # gone meanwhile
+            continue
+    (raylet,) = [pid for pid, (cmd, _) in processes.items()  # this module's cluster's, not another's on the machine
+                 if b"/raylet" in cmd.split(b"\0")[0] and TEMP_DIR[0].encode() in cmd]
+    seen: dict[str, int] = {}
+    for cmd, environ in processes.values():
+        name = cmd.split(b"\0")[0].decode()
+        env = dict(e.decode(errors="replace").split("=", 1) for e in environ.split(b"\0") if b"=" in e)
+        if env.get("RAY_RAYLET_PID") == raylet and name.startswith(
+                ("ray::ProxyActor", "ray::ServeReplica", "ray::ServeController")):
+            assert {k: env.get(k) for k in SERVE_TUNING} == SERVE_TUNING, name
+            seen[name.split(":")[2]] = seen.get(name.split(":")[2], 0) + 1
+    assert seen == {"ProxyActor": 1, "ServeController": 1, "ServeReplica": 2}, seen
+    doc = (ROOT / "docs/ray.md").read_text()  # operators of serve deploy / KubeRay set them from the doc
+    assert [f"{k}={v}" for k, v in SERVE_TUNING.items() if f"`{k}={v}`" not in doc] == []
 
 
 SEEDED = [{"n": 3, "steps": 8, "eta": 0.0, "seed": 11, "return_latents": True},
