@@ -36,13 +36,16 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 
-bench: $(STAMP)
+bench: $(STAMP)  # docs/benchmarks.md; with the ray extra (EXTRAS=dev,ray) also its Ray Serve section (about 30 min)
 	$(BIN)/python -m benchmarks.features
+	@if $(BIN)/python -c 'import ray.serve' 2>/dev/null; then $(BIN)/python -m benchmarks.ray_bench; \
+	else echo "==> skipping the Ray Serve bench: no ray extra (make bench EXTRAS=dev,ray)"; fi
 	$(BIN)/python -m benchmarks.run
 
 bench-ray:  # the Ray Serve path against the direct server (docs/ray.md); needs EXTRAS=dev,ray
 	$(MAKE) install EXTRAS=dev,ray
-	$(VENV)/bin/python -m benchmarks.ray_bench --clients 8 --n 2 --steps 10 --seconds 30 --out benchmarks/ray_results.json
+	$(BIN)/python -m benchmarks.ray_bench
+	$(BIN)/python -m benchmarks.report benchmarks/results.json docs/benchmarks.md
 
 fuzz: $(STAMP)  # schema fuzzing of every operation against a live server (docs/reliability.md)
 	$(BIN)/python -m tests.fuzz --examples 200

@@ -11,9 +11,13 @@ def fmt(x: float | None, d: int = 1) -> str:
 
 
 def git_commit(root: Path) -> str | None:
-    """The commit the working tree is at (for results' metadata), or None outside git."""
+    """The commit the working tree is at (for results' metadata), `-dirty` when tracked files differ from it, or
+    None outside git."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
     except OSError:
         return None
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    if commit and subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, timeout=10).returncode:
+        commit += "-dirty"  # the working tree differs from it
+    return commit or None

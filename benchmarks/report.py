@@ -8,6 +8,7 @@ from typing import Any
 
 from benchmarks.features import FEATURES_JSON, report_lines
 from benchmarks.format import fmt
+from benchmarks.ray_bench import report_lines as ray_lines
 
 NOTES = """## How to read these numbers
 
@@ -259,7 +260,7 @@ def write_report(results: dict[str, Any], out: Path, studies: list[str] | None =
         lines += _quality(results["quality"], results.get("quality_from"))
     for r in results["models"]:
         lines += _model(r)
-    lines += [*report_lines(FEATURES_JSON), *(studies or []), NOTES, CUDA_NOTE]
+    lines += [*report_lines(FEATURES_JSON), *ray_lines(), *(studies or []), NOTES, CUDA_NOTE]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
 

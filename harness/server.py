@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,3 +72,36 @@ def stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextmanager
+def ray_serve_process(args: list[str], env: Mapping[str, str | None], ready_timeout: float = 300.0,
+                      stop_timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:  # type: ignore[type-arg]
+    """Start `ddim-serve-ray ARGS --port P` on a free loopback port; yields (its URL, the process) once every
+    replica is up. env adds to this process's environment (None: unset). It stops with SIGTERM (the application is
+    deleted, a cluster it started stops), killed after stop_timeout; a test that signalled it itself finds it gone."""
+    port = free_port()
+    environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ddim-serve-ray-{port}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app.distributed.cli", *args, "--port", str(port)],
+                            env=environ, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            log.seek(0)
+            if "ddim-serve-ray: serving on" in log.read():  # logged after serve.run: every replica is up
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"ddim-serve-ray did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()

@@ -9,20 +9,27 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
 from app import logs
 
 log = logging.getLogger("ddim.ray")
-# Serve's request path, tuned for throughput: Ray's own RAY_SERVE_THROUGHPUT_OPTIMIZED set, less its direct ingress
-# (which bypasses the proxy, and so its retries). gRPC between proxy and replicas, the app on the replica's own event
-# loop, and buffered Serve logs cut the proxy's and the replica's CPU per request by about a third (docs/ray.md,
-# benchmarks/ray_bench.py). The proxy and the replicas must agree on gRPC: set them on every node of a cluster this
-# command joins. A variable already in the environment wins.
+# Serve's request path, tuned for throughput: of Ray's own RAY_SERVE_THROUGHPUT_OPTIMIZED set, the settings that
+# change neither the path (its direct ingress would bypass the proxy, and so its retries) nor where logs go (its log
+# settings would buffer the app's request log in Serve's files): gRPC from proxy to replicas, the app on the
+# replica's own event loop, the router on the proxy's. Measured in docs/ray.md ("Serve, tuned for throughput").
+# A variable already in the environment wins.
 SERVE_TUNING = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-                "RAY_SERVE_LOG_TO_STDERR": "0"}
+                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+FORWARDED = ("PYTHONPATH", "OMP_NUM_THREADS", *SERVE_TUNING)
+
+
+def replica_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment every Serve process of the application gets: DDIM_* settings, the forwarded variables, and
+    the Serve tuning where the environment does not set it."""
+    return {**SERVE_TUNING, **{k: v for k, v in environ.items() if k.startswith("DDIM_") or k in FORWARDED}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,13 +55,13 @@ def main(argv: list[str] | None = None) -> None:
         from ray import serve
     except ImportError:
         sys.exit("ddim-serve-ray needs the ray extra: pip install -e '.[ray]'")
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
     from app.distributed.deployment import NAMESPACE, app_builder, directory_name
 
     settings = {k[5:].lower(): v for k, v in os.environ.items() if k.startswith("DDIM_")}
-    for name, value in SERVE_TUNING.items():  # a cluster started here inherits them; replicas get them below
-        os.environ.setdefault(name, value)
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("DDIM_") or k in ("PYTHONPATH", "OMP_NUM_THREADS", *SERVE_TUNING)}
+    env = replica_env(os.environ)
+    os.environ.update({k: env[k] for k in SERVE_TUNING})  # a cluster started here inherits them
     application = app_builder({
         "model_store": args.model_store, "replicas": args.replicas or None, "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         # the proxy retries seeded, idempotent requests whose replica died (app/distributed/proxy.py); Serve applies
         # controller_options only when this call starts it
         proxy_env = {**env, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "app.distributed.proxy:middlewares"}
+        with contextlib.suppress(ValueError):  # ValueError: Serve does not run on this cluster yet
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+            log.warning("Serve already runs on this cluster: its proxies keep their own environment (no retries of a "
+                        "dead replica's requests, no Serve tuning unless the nodes set them; docs/ray.md)")
         serve.start(http_options={"host": args.host, "port": args.port},
                     controller_options={"runtime_env": {"env_vars": proxy_env}},
                     logging_config={"enable_access_log": False})  # the proxy's: the replicas log every request
