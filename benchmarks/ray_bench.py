@@ -235,11 +235,12 @@ def report_lines(path: Path = RAY_JSON) -> list[str]:
         return []
     r = json.loads(path.read_text())
     t, loads, a = r["threads"], list(r["loads"]), r["args"]
+    commit = str(r["commit"])[:10] + ("-dirty" if str(r["commit"]).endswith("-dirty") else "")
     lines = ["", "## Scale-out: the Ray Serve path against the direct server (`python -m benchmarks.ray_bench`)", "",
              f"Model {a['model']}, {a['clients']} closed-loop clients, n = {a['n']}, η = 0, float32; "
              f"{len(r['rounds'])} rounds, each starting every service afresh in turn; sample-steps/s counted by the "
              f"engines over {a['seconds']:.0f} s of whole forwards; T = {t} threads on {r['cpus']} cores "
-             f"(commit {str(r['commit'])[:10]}). Ratios: per round, then their mean. Goal for the Ray path over the "
+             f"(commit {commit}). Ratios: per round, then their mean. Goal for the Ray path over the "
              "direct server: ≥ 0.9.", "",
              "| service | " + " | ".join(f"{s}: sample-steps/s (images/s, p50 s)" for s in loads) + " |",
              "|---|" + "---|" * len(loads)]
