@@ -34,7 +34,6 @@ from harness.server import ray_serve_process, server_process
 ROOT = Path(__file__).resolve().parents[1]
 RAY_JSON = ROOT / "benchmarks" / "ray.json"
 PINS = {"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false", "DDIM_MAX_BATCH_SIZE": "64", "DDIM_LOG_JSON": "false"}
-EXTRA_RAY_ENV: dict[str, str] = {}  # --ray-env
 # (label, replicas, threads each); replicas None is the direct server
 PAIRS = {"ray 1xT / direct": ("ray 1xT", "direct"), "ray Tx1 / direct": ("ray Tx1", "direct"),
          "ray Tx1 / ray 1xT": ("ray Tx1", "ray 1xT"), "ray 1x1 / direct 1 thread": ("ray 1x1", "direct 1 thread")}
@@ -49,7 +48,8 @@ def services(threads: int) -> list[tuple[str, int | None, int]]:
 
 
 @contextmanager
-def serving(store: Path, replicas: int | None, threads: int) -> Iterator[tuple[str, int]]:
+def serving(store: Path, replicas: int | None, threads: int,
+            ray_env: dict[str, str]) -> Iterator[tuple[str, int]]:
     """The direct server (replicas None) or `ddim-serve-ray` with its own local cluster, on a free loopback port;
     yields (its URL, the pid under which all its processes run) once it serves."""
     env = {**PINS, "DDIM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
@@ -58,7 +58,7 @@ def serving(store: Path, replicas: int | None, threads: int) -> Iterator[tuple[s
             yield url, proc.pid
     else:
         args = ["--model-store", str(store), "--replicas", str(replicas), "--num-cpus", str(threads)]
-        with ray_serve_process(args, {**env, **EXTRA_RAY_ENV}) as (url, proc):
+        with ray_serve_process(args, {**env, **ray_env}) as (url, proc):
             yield url, proc.pid  # the cluster it started (raylet, workers) runs under it
 
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=str(RAY_JSON))
     a = p.parse_args(argv)
     store, t = Path(a.model_store), a.threads
-    EXTRA_RAY_ENV.update(kv.split("=", 1) for kv in a.ray_env.split(",") if kv)
+    ray_env = dict(kv.split("=", 1) for kv in a.ray_env.split(",") if kv)
     loads = {f"S={s}": {"model": a.model, "n": a.n, "steps": int(s), "eta": 0.0} for s in a.steps.split(",")}
     out: dict[str, Any] = {"commit": git_commit(ROOT), "cpus": os.cpu_count(), "threads": t, "args": vars(a),
                            "loads": loads, "rounds": []}
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label, replicas, threads in services(t):
             if a.only and label not in a.only.split(","):
                 continue
-            with serving(store, replicas, threads) as (url, _):
+            with serving(store, replicas, threads, ray_env) as (url, _):
                 out["rounds"][i][label] = {}
                 for name, body in loads.items():
                     r = measure(url, a.clients, a.seconds, body, a.warmup)
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
     if a.cost_seconds:  # one thread, one replica: the path's own CPU per request, without model work
         cost = out["per_request_cost"] = {}
-        with serving(store, None, 1) as (url, root):
+        with serving(store, None, 1, ray_env) as (url, root):
             cost["direct"] = per_request_cost(url, root, "/readyz", {"server": sys.executable}, 4, a.cost_seconds)
-        with serving(store, 1, 1) as (url, root):
+        with serving(store, 1, 1, ray_env) as (url, root):
             ray_processes = {"proxy": "ray::ProxyActor", "replica": "ray::ServeReplica",
                              "directory": "ray::JobDirectory"}
             cost["ray"] = per_request_cost(url, root, "/readyz", ray_processes, 4, a.cost_seconds)
