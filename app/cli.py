@@ -112,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       num_classes=len(CLASSES) if conditional else 0, class_dropout=args.class_dropout,
                       class_names=[c.lower() for c in CLASSES] if conditional else [])
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.name)
-    train(cfg, workdir, max_minutes=args.max_minutes)
+    train(cfg, workdir, max_minutes=args.max_minutes,
+          init_from=Path(args.init_from) if args.init_from else None)
     if args.export:
         info = export(workdir, Path(args.export))
         print(f"exported {info} to {args.export}")
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     t.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
     t.add_argument("--export", metavar="DIR", help="export the EMA weights to DIR when done")
+    t.add_argument("--init-from", metavar="DIR",
+                   help="without a checkpoint in the workdir, start from this model folder's weights and step")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export a training checkpoint's EMA weights as a model folder")

@@ -111,8 +111,28 @@ def _batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     return perm[k * batch:(k + 1) * batch]
 
 
-def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> Path:
-    """Train (or resume) until cfg.steps or max_minutes; returns the checkpoint path."""
+def _init_from(folder: Path, model: torch.nn.Module, ema: torch.nn.Module) -> tuple[int, float]:
+    """Start from a model folder's EMA weights (model and EMA alike); returns (step, wall) from its training.json.
+
+    The optimiser state of the run that made the folder is gone with its checkpoint: Adam's moments start afresh,
+    and the learning rate warms up again from this step (TrainConfig.warmup), so the first updates stay small.
+    """
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    model.load_state_dict(weights)
+    ema.load_state_dict(weights)
+    info = json.loads((folder / "training.json").read_text())
+    log.info("initialised from %s (its step %d); Adam's moments start afresh", folder, info["step"])
+    return int(info["step"]), float(info.get("wall_seconds", 0.0))
+
+
+def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None, init_from: Path | None = None) -> Path:
+    """Train (or resume) until cfg.steps or max_minutes; returns the checkpoint path.
+
+    A checkpoint in workdir wins; without one, init_from (a model folder of ours) gives the starting weights.
+    Every 50 steps the mean loss is appended to workdir/loss.jsonl (the training curve of docs/quality.md).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "checkpoint.pt"
     if cfg.threads:
@@ -121,15 +141,19 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> 
     model = UNet2DModel(**cfg.unet)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step, wall = 0, 0.0
+    step, wall, warm_from = 0, 0.0, 0
     gen = torch.Generator().manual_seed(cfg.seed)
-    if ckpt_path.exists():
+    if not ckpt_path.exists() and init_from is not None:
+        step, wall = _init_from(init_from, model, ema)
+        warm_from = step
+        gen.manual_seed(cfg.seed * 1_000_003 + step)  # not the noise of the run's first steps again
+    elif ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
-        step, wall = state["step"], state["wall"]
+        step, wall, warm_from = state["step"], state["wall"], state.get("warm_from", 0)
         log.info("resumed from %s at step %d", ckpt_path, step)
     (workdir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -141,13 +165,15 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> 
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "gen": gen.get_state(), "step": step, "wall": wall}, tmp)
+                    "gen": gen.get_state(), "step": step, "wall": wall, "warm_from": warm_from}, tmp)
         tmp.replace(ckpt_path)
 
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
     t0 = time.monotonic()
+    losses: list[float] = []
+    loss_log = (workdir / "loss.jsonl").open("a")
     while step < cfg.steps and time.monotonic() < deadline:
         idx = _batch_indices(step, cfg.batch_size, len(data), cfg.seed)
         x0 = data[idx]
@@ -160,7 +186,7 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> 
             labels = torch.where(drop, torch.full_like(idx, cfg.num_classes), labels_all[idx])
         loss = torch.nn.functional.mse_loss(model(x_t, t, class_labels=labels).sample, target)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -169,12 +195,18 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None) -> 
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        losses.append(loss.item())
+        if step % 50 == 0:
+            loss_log.write(json.dumps({"step": step, "loss": sum(losses) / len(losses)}) + "\n")
+            loss_log.flush()
+            losses.clear()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             wall += time.monotonic() - t0
             t0 = time.monotonic()
             save()
     wall += time.monotonic() - t0
     save()
+    loss_log.close()
     bar.close()
     return ckpt_path
 
