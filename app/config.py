@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     keep_freed_memory: bool = Field(True, description="raise glibc malloc's mmap and trim thresholds and its top "
                                     "pad at startup, so each forward reuses the last one's memory instead of "
                                     "faulting it in again")
+    require_all_models: bool = Field(False, description="/readyz says 503 while any model of the store failed to "
+                                     "load (by default it is 200 once every model that can load is ready)")
     allow_pickle: bool = Field(False, description="load pickled .bin weights (runs code from the file)")
 
     host: str = "127.0.0.1"

@@ -24,6 +24,7 @@ from app.config import Settings
 from app.engine.client import Engine
 from app.metrics import Metrics
 from app.middleware import RequestMiddleware
+from app.models import ModelStoreError
 from app.playground import install as install_playground
 from app.startup import tune_process
 
@@ -49,6 +50,9 @@ def create_app(settings: Settings | None = None, *, load_before_serving: bool = 
         async def load() -> None:
             try:
                 await asyncio.to_thread(engine.load)
+            except ModelStoreError as e:  # no model could load (each failure was logged on its own line)
+                engine.error = f"model loading failed: {e}"
+                log.error("model loading failed: %s", e)
             except Exception as e:
                 engine.error = f"model loading failed: {e}"
                 log.exception("model loading failed")

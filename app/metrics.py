@@ -35,7 +35,9 @@ class Metrics:
         self.model_info = Gauge("ddim_model_info", "Loaded models (value 1), with how they are loaded",
                                 ["model", "device", "dtype", "num_train_timesteps", "image_size", "channels"],
                                 registry=r)
-        self.ready = Gauge("ddim_ready", "1 once every model is loaded and warmed up", registry=r)
+        self.ready = Gauge("ddim_ready", "1 once every model that can load is loaded and warmed up", registry=r)
+        self.model_load_failed = Gauge("ddim_model_load_failed", "1 for a model of the store that failed to load "
+                                       "(/models has its error)", ["model"], registry=r)
         self.startup_seconds = Gauge("ddim_startup_seconds", "Time from start to ready", registry=r)
         self.failures = Counter("ddim_failures", "Requests failed by a fault of the model or the worker (cause: "
                                 "forward_error, non_finite, worker_restart), and forwards retried in halves "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,4 +72,39 @@ def cond_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     random_model_folder(store / "tiny-flow", unet, FLOW_SCHEDULER, seed=2, class_names=TINY_CLASSES)
     random_model_folder(store / "tiny-cond", unet, LINEAR_SCHEDULER, seed=3, class_names=TINY_CLASSES)
     random_model_folder(store / "tiny-plain-flow", TINY_UNET, FLOW_SCHEDULER, seed=4)
+    return store
+
+
+def pipeline_configs(root: Path, cls: str, components: dict[str, tuple[str, str]]) -> Path:
+    """A pipeline folder of configs only, as diffusers lays one out (no weights: nothing may be read)."""
+    def write(path: Path, data: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+    write(root / "model_index.json", {"_class_name": cls, "_diffusers_version": "0.42.1",
+                                      **{slot: list(spec) for slot, spec in components.items()}})
+    for slot, (_, klass) in components.items():
+        write(root / slot / ("scheduler_config.json" if slot == "scheduler" else "config.json"), {"_class_name": klass})
+    return root
+
+
+FAILED = ("kandinsky", "sd-configs", "truncated")
+
+
+@pytest.fixture(scope="session")
+def mixed_store(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path, cond_store: Path) -> Path:
+    """tiny (healthy), tiny-cond (healthy, conditional), an SD-layout folder of configs only, a pipeline class that
+    is not supported, and a copy of tiny whose weights file is cut short."""
+    store = tmp_path_factory.mktemp("mixed_store")
+    shutil.copytree(tiny_store / "tiny", store / "tiny")
+    shutil.copytree(cond_store / "tiny-cond", store / "tiny-cond")
+    pipeline_configs(store / "sd-configs", "StableDiffusionPipeline",
+              {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+               "scheduler": ("diffusers", "PNDMScheduler")})
+    pipeline_configs(store / "kandinsky", "KandinskyV22Pipeline",
+              {"unet": ("diffusers", "UNet2DConditionModel"), "scheduler": ("diffusers", "DDPMScheduler")})
+    shutil.copytree(tiny_store / "tiny", store / "truncated")
+    weights = store / "truncated" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     return store

@@ -15,6 +15,7 @@ from app.engine.errors import (
     DeadlineExceeded,
     EngineError,
     InvalidRequest,
+    ModelFailed,
     Overloaded,
     ShuttingDown,
     UnknownModel,
@@ -83,6 +84,12 @@ def install(app: FastAPI) -> None:
     async def _unknown(request: Request, exc: UnknownModel) -> JSONResponse:
         _reject(request, "unknown_model")
         return error_response(404, [{"field": "model", "msg": str(exc), "type": "not_found"}])
+
+    @app.exception_handler(ModelFailed)
+    async def _model_failed(request: Request, exc: ModelFailed) -> JSONResponse:
+        """424 Failed Dependency, no Retry-After: the model will not load until its folder is fixed."""
+        _reject(request, "model_failed")
+        return error_response(424, [{"field": "model", "msg": str(exc), "type": "model_failed"}])
 
     @app.exception_handler(Overloaded)
     async def _full(request: Request, exc: Overloaded) -> JSONResponse:

@@ -36,7 +36,7 @@ T = TypeVar("T")
 async def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     health = engine.health()
-    if not health["ready"]:
+    if not health["serving"]:
         raise NotReady("the server is shutting down" if health["draining"] else
                        health["error"] or "models are still loading")
     return engine
@@ -85,11 +85,15 @@ async def readyz(request: Request) -> dict[str, Any]:
         return JSONResponse({"detail": "the server is shutting down" if health["draining"] else
                              health["error"] or "models are still loading"}, status_code=503,
                             headers={"Retry-After": "5"})  # type: ignore[return-value]
-    return {"status": "ready", "models": health["models"]}
+    return {"status": "ready", "models": health["models"], "failed": health["failed"]}
 
 
 @router.get("/models", responses={503: {"model": ErrorResponse, "description": "not ready yet"}})
-async def models(engine: EngineDep) -> dict[str, Any]:
+async def models(request: Request) -> dict[str, Any]:
+    """Every model of the store once loading is over: status "ready", or "failed" with its load error."""
+    engine: Engine = request.app.state.engine
+    if not engine.ready and engine.error is None:
+        raise NotReady("models are still loading")
     return {"models": engine.stats()}
 
 

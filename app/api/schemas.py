@@ -30,22 +30,27 @@ class _Guided(_Work):
     class_label: ClassLabel | list[ClassLabel] | None = Field(
         None, description="class-conditional models: a class index or name (any case), or a list with one per "
         "image; omitted: unconditional samples. /models lists each model's classes")
-    guidance_scale: float = Field(1.0, ge=0.0, le=20.0, description="classifier-free guidance w: the prediction "
-                                  "is uncond + w (cond - uncond); 1 = plain conditional, 0 = unconditional")
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, description="classifier-free guidance w: the "
+                                         "prediction is uncond + w (cond - uncond); 1 (the default) = plain "
+                                         "conditional, 0 = unconditional. Needs a class_label: a value other than 1 "
+                                         "without one, or on a model that is not conditional, is a 422")
 
 
 class GenerateRequest(_Guided):
     model: str | None = Field(None, description="model name; the server's default if omitted")
     n: int = Field(1, ge=1, description="number of images; image i uses seed + i")
     steps: int = Field(50, ge=1, description="S, the number of sampling steps")
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="0 = DDIM (deterministic), 1 = DDPM")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="0 = DDIM (deterministic), 1 = DDPM; with variance 'large' "
+                       "only 0 or 1 (its mean is eta = 1's)")
     variance: Literal["eta", "large"] = Field("eta", description="large: the paper's sigma-hat (DDPM fixed_large; "
                                               "VP models only)")
     schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="chosen at random and echoed back if omitted")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="chosen at random and echoed back if omitted; "
+                             "with x_T and eta = 0 nothing is drawn, and a seed is a 422")
     x_T: str | None = Field(None, description="start latents: base64 .npy, float32, shape (n, C, H, W)")
     clip_denoised: bool | None = Field(None, description="clip predicted x0 to [-1, 1]; default: the model's")
-    return_latents: bool = False
+    return_latents: bool = Field(False, description="JSON answers only: add x_T and x_0 (base64 .npy); "
+                                 "an image/png or .npy answer carries the images or x_0 alone")
 
 
 class InvertRequest(_Guided):
@@ -134,6 +139,7 @@ class ErrorResponse(BaseModel):
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ERRORS = {422: "invalid input; detail names the field", 404: "unknown model or job",
+           424: "the model failed to load (the detail quotes its load error; retrying will not help)",
            406: "an Accept this endpoint cannot produce", 413: "body or image too large",
            429: "the model's queue or the job store is full (Retry-After)", 499: "the client disconnected",
            500: "internal error (the detail names the request id)",

@@ -16,14 +16,14 @@ from concurrent.futures import Future
 import torch
 
 from app.config import Settings
-from app.engine.errors import DeadlineExceeded, InvalidRequest, ShuttingDown, UnknownModel
+from app.engine.errors import DeadlineExceeded, InvalidRequest, ModelFailed, ShuttingDown, UnknownModel
 from app.engine.handle import Outcome, RequestHandle
 from app.engine.jobs import JobResult, SampleJob
 from app.engine.jobstore import JobStore
 from app.engine.tasks import Prepared, Work, prepare
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
-from app.models import LoadedModel, ModelStoreError, discover, load_model, pick_device
+from app.models import LoadedModel, ModelStoreError, check_folder, discover, load_model, pick_device
 from app.sampling import Direction, Plan, ScheduleError, draw, is_stochastic, sample_generators
 from app.startup import layouts_for, tune_process, warm_up
 
@@ -41,6 +41,7 @@ class Engine:
         self.ready = False
         self.draining = False
         self.error: str | None = None
+        self.failed: dict[str, str] = {}  # model name -> why it failed to load
         self.default_name: str | None = None
         self.jobs = JobStore(settings.max_jobs, settings.job_ttl_seconds, metrics)
         self._inflight: set[RequestHandle] = set()
@@ -48,7 +49,8 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load(self) -> None:
-        """Load every model of the store, warm each up, start its worker (blocking; run in a thread)."""
+        """Load every model of the store, warm each up, start its worker (blocking; run in a thread). Each model
+        loads on its own: one that fails is kept in self.failed with a one-line error, and the others serve."""
         s = self.settings
         started = time.monotonic()
         tune_process(s)  # done already where main.py started the process; an engine made elsewhere needs it here
@@ -56,22 +58,41 @@ class Engine:
         names = discover(s.model_store)
         if not names:
             raise ModelStoreError(f"{s.model_store}: no model folders found")
-        layouts = layouts_for([s.model_store / name for name in names], device, s)
-        for name, channels_last in zip(names, layouts):
+        for name in names:
+            try:
+                check_folder(s.model_store / name)  # a class not supported: refused before any weight is read
+                channels_last = layouts_for([s.model_store / name], device, s)[0]
+            except Exception as e:
+                self._failed(name, e)
+                continue
             loaded: Future[tuple[LoadedModel, BatchWorker]] = Future()
             threading.Thread(target=self._serve_model, args=(name, device, channels_last, started, loaded),
                              name=f"worker-{name}", daemon=True).start()
-            model, worker = loaded.result()  # re-raises what loading raised
+            try:
+                model, worker = loaded.result()  # re-raises what loading raised
+            except Exception as e:
+                self._failed(name, e)
+                continue
             self.models[name], self.workers[name] = model, worker
             info = model.info()
             self.metrics.model_info.labels(name, info["device"], info["dtype"], str(model.num_train_timesteps),
                                            "x".join(map(str, info["image_size"])), str(info["channels"])).set(1)
             log.info("model %s ready on %s (%s, channels_last=%s)", name, device, info["dtype"], info["channels_last"])
-        self.default_name = s.default_model if s.default_model in self.models else names[0]
+        if not self.models:
+            raise ModelStoreError(f"no model of {s.model_store} could be loaded: "
+                                  + "; ".join(f"{n}: {e}" for n, e in self.failed.items()))
+        self.default_name = s.default_model if s.default_model in self.models else sorted(self.models)[0]
         threading.Thread(target=self._supervise, name="engine-supervisor", daemon=True).start()
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.startup_seconds.set(time.monotonic() - started)
+
+    def _failed(self, name: str, error: BaseException) -> None:
+        """One model failed to load: one error line, kept for /models and for requests that name it."""
+        message = str(error) if isinstance(error, ModelStoreError) else f"{type(error).__name__}: {error}"
+        self.failed[name] = message
+        self.metrics.model_load_failed.labels(name).set(1)
+        log.error("model %s failed to load: %s", name, message)
 
     def _serve_model(self, name: str, device: torch.device, channels_last: bool, started: float,
                      loaded: Future[tuple[LoadedModel, BatchWorker]]) -> None:
@@ -104,6 +125,8 @@ class Engine:
     # -- lookups -------------------------------------------------------------------------------
     def model(self, name: str | None) -> LoadedModel:
         name = name or self.default_name
+        if name in self.failed:
+            raise ModelFailed(name, self.failed[name])
         if name not in self.models:
             raise UnknownModel(str(name), sorted(self.models))
         return self.models[name]
@@ -274,18 +297,29 @@ class Engine:
             self.metrics.first_progress.labels(handle.model).observe(handle.first_progress_seconds)
 
     def health(self) -> dict[str, object]:
-        """ready: serving; draining: shutting down (not ready); error: why loading failed."""
+        """ready: every model that can load is serving (with require_all_models: every model), and at least one;
+        serving: requests are taken (ready, but for require_all_models); draining: shutting down (not ready);
+        error: why not ready; failed: the models that failed to load."""
         dead = sorted(name for name, w in self.workers.items() if not w.alive)
         error = self.error or (f"the worker of model(s) {', '.join(dead)} is restarting" if dead else None)
-        return {"ready": self.ready and not self.draining and not dead, "draining": self.draining, "error": error,
-                "models": sorted(self.models)}
+        strict = self.settings.require_all_models and self.failed
+        if strict and error is None:
+            error = ("DDIM_REQUIRE_ALL_MODELS is set and model(s) failed to load: "
+                     + "; ".join(f"{n}: {e}" for n, e in sorted(self.failed.items())))
+        serving = self.ready and not self.draining and not dead
+        return {"ready": serving and not strict, "serving": serving, "draining": self.draining, "error": error,
+                "models": sorted(self.models), "failed": sorted(self.failed)}
 
     def stats(self) -> list[dict[str, object]]:
-        """Each model's info, with its waiting and active samples."""
-        out = []
-        for name, m in sorted(self.models.items()):
+        """Each model's info, with its waiting and active samples; a model that failed to load, with its error."""
+        out: list[dict[str, object]] = []
+        for name in sorted({*self.models, *self.failed}):
+            if name in self.failed:
+                out.append({"name": name, "status": "failed", "error": self.failed[name], "default": False})
+                continue
             waiting, active = self.workers[name].load
-            out.append({**m.info(), "default": name == self.default_name, "waiting": waiting, "active": active})
+            out.append({**self.models[name].info(), "status": "ready", "default": name == self.default_name,
+                        "waiting": waiting, "active": active})
         return out
 
     async def drain(self, seconds: float) -> None:

@@ -28,6 +28,15 @@ class UnknownModel(LookupError):
         super().__init__(f"unknown model {name!r}; loaded models: {', '.join(known) or 'none'}")
 
 
+class ModelFailed(LookupError):
+    """A request for a model that failed to load (424): permanent until the folder is fixed and the server restarted,
+    so not worth a retry."""
+
+    def __init__(self, name: str, error: str) -> None:
+        super().__init__(f"model {name!r} failed to load and cannot serve: {error}")
+        self.model = name
+
+
 class Overloaded(EngineError):
     """No room for the work now (429); retry_after in seconds."""
 

@@ -36,8 +36,13 @@ class _Common:
     steps: int = 50
     schedule: str | None = None
     class_label: ClassLabel = None
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None  # None: the model's default (1, no guidance)
     preview_every: int = 0
+
+    @property
+    def w(self) -> float:
+        """The guidance scale this work runs with."""
+        return 1.0 if self.guidance_scale is None else self.guidance_scale
 
 
 @dataclass
@@ -94,7 +99,7 @@ def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[s
     out: dict[str, Any] = {"model": model.name, "steps": work.steps, "schedule": work.schedule or model.spacings[0]}
     if model.conditional:
         out["class_label"] = None if labels is None else [model.class_names[int(i)] for i in labels]
-        out["guidance_scale"] = work.guidance_scale
+        out["guidance_scale"] = work.w
     return out
 
 
@@ -103,6 +108,7 @@ def prepare(engine: Engine, work: Work) -> Prepared:
     model = engine.model(work.model)
     if work.preview_every < 0:
         raise InvalidRequest("preview_every", "preview_every must be 0 (none) or a positive number of steps")
+    _check_effective(model, work)
     if isinstance(work, GenerateWork):
         prepared = _prepare_generate(engine, model, work)
     elif isinstance(work, InvertWork):
@@ -113,11 +119,30 @@ def prepare(engine: Engine, work: Work) -> Prepared:
     return prepared
 
 
+def _check_effective(model: LoadedModel, work: Work) -> None:
+    """A value that could not change the result is a 422 naming its field, not a silent no-op."""
+    if work.w != 1:
+        if not model.conditional:
+            raise InvalidRequest("guidance_scale", f"model {model.name!r} is not class-conditional: guidance_scale "
+                                                   "has no effect on it; leave it out")
+        if work.class_label is None:
+            raise InvalidRequest("guidance_scale", "guidance_scale needs a class_label: without one the samples are "
+                                                   "unconditional and w has no effect; give class_label, or leave "
+                                                   "out guidance_scale")
+    if isinstance(work, GenerateWork):
+        if work.variance == "large" and work.eta not in (0.0, 1.0):
+            raise InvalidRequest("eta", "variance 'large' is the paper's sigma-hat row, whose mean is eta = 1's: "
+                                        "eta has no effect with it; leave eta out")
+        if work.x_T is not None and work.seed is not None and work.eta == 0 and work.variance == "eta":
+            raise InvalidRequest("seed", "with x_T given and eta = 0 nothing is drawn, so seed has no effect; leave "
+                                         "it out (or set eta > 0, whose noise it seeds)")
+
+
 def _check_work(engine: Engine, work: Work, prepared: Prepared) -> None:
     """The work cap: samples x steps over the whole task, a guided sample counting twice."""
     n = work.n if isinstance(work, GenerateWork) else work.frames if isinstance(work, InterpolateWork) else \
         int(work.images.shape[0])
-    rows = 2 if work.class_label is not None and work.guidance_scale not in (0.0, 1.0) else 1
+    rows = 2 if work.class_label is not None and work.w not in (0.0, 1.0) else 1
     cost, cap = n * prepared.steps * rows, engine.settings.max_work
     if cost > cap:
         field_name = {"generate": "n", "invert": "images", "interpolate": "frames"}[work.task]
@@ -137,7 +162,7 @@ def _prepare_generate(engine: Engine, model: LoadedModel, work: GenerateWork) ->
     labels = engine.class_labels(model, work.class_label, work.n)
     job, seed = engine.generate_job(model, n=work.n, steps=work.steps, eta=work.eta, large=work.variance == "large",
                                     schedule=work.schedule, seed=work.seed, x_T=work.x_T, clip=work.clip_denoised,
-                                    class_labels=labels, guidance_scale=work.guidance_scale)
+                                    class_labels=labels, guidance_scale=work.w)
     job.preview_every = work.preview_every
     x_T = job.x.clone()
     fields = {**_echo(model, work, labels), "seed": seed, "n": work.n, "eta": work.eta, "variance": work.variance}
@@ -155,7 +180,7 @@ def _prepare_invert(engine: Engine, model: LoadedModel, work: InvertWork) -> Pre
     _check_n(engine, n, "images")
     labels = engine.class_labels(model, work.class_label, n)
     job = engine.invert_job(model, work.images, steps=work.steps, schedule=work.schedule, class_labels=labels,
-                            guidance_scale=work.guidance_scale)
+                            guidance_scale=work.w)
     job.preview_every = work.preview_every
     fields = _echo(model, work, labels)
 
@@ -166,7 +191,7 @@ def _prepare_invert(engine: Engine, model: LoadedModel, work: InvertWork) -> Pre
             # the inversion never clips, so neither does its round trip (clipping x0 breaks the ODE's symmetry)
             back, _ = engine.generate_job(model, n=n, steps=work.steps, eta=0.0, large=False, schedule=work.schedule,
                                           seed=None, x_T=x_T, clip=False, class_labels=labels,
-                                          guidance_scale=work.guidance_scale)
+                                          guidance_scale=work.w)
             back.preview_every = work.preview_every
             rec = await engine.run(model, _listen(back, handle, offset=work.steps), handle)
             tensors["reconstruction"] = rec
@@ -195,7 +220,7 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
                                                                                   ("end", work.end))}
     inversions = {name: engine.invert_job(model, end.image[None], steps=work.steps, schedule=work.schedule,
                                           class_labels=None if labels is None else labels[[k]],
-                                          guidance_scale=work.guidance_scale)
+                                          guidance_scale=work.w)
                   for (name, (end, latent)), k in zip(ends.items(), (0, -1))
                   if latent is None and end.image is not None}
     fields = {**_echo(model, work, labels), "frames": work.frames, "method": work.method}
@@ -211,7 +236,7 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
         latents = torch.stack([mix(x0, x1, i / (work.frames - 1)) for i in range(work.frames)])
         job, _ = engine.generate_job(model, n=work.frames, steps=work.steps, eta=0.0, large=False,
                                      schedule=work.schedule, seed=None, x_T=latents, class_labels=labels,
-                                     guidance_scale=work.guidance_scale)
+                                     guidance_scale=work.w)
         job.preview_every = work.preview_every
         frames = await engine.run(model, _listen(job, handle, offset), handle)
         engine.count_images(model, "interpolate", work.frames)

@@ -13,7 +13,6 @@ Weights are diffusion_pytorch_model.safetensors; a pickled .bin loads only with 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from app.models.fast import Forward, bf16_supported
+from app.models.kinds import ModelStoreError, check_folder, check_store, read_json
 from app.sampling import (
     FLOW_SPACINGS,
     SPACINGS,
@@ -51,10 +51,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
-class ModelStoreError(ValueError):
-    """A model folder that cannot be loaded; the message names the file and the problem."""
-
-
 def pick_device(requested: str = "auto") -> torch.device:
     """cuda, then mps, then cpu -- or exactly what was requested."""
     if requested != "auto":
@@ -64,18 +60,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelStoreError(f"{path}: missing file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelStoreError(f"{path}: bad JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ModelStoreError(f"{path}: bad JSON (expected an object)")
-    return data
 
 
 @dataclass(frozen=True)
@@ -91,7 +75,7 @@ class ModelFiles:
     def find(cls, root: Path, allow_pickle: bool = False) -> ModelFiles:
         nested = (root / "model_index.json").exists() or (root / "unet").is_dir()
         if nested:
-            _read_json(root / "model_index.json")
+            read_json(root / "model_index.json")
             unet_dir, sched = root / "unet", root / "scheduler" / "scheduler_config.json"
         else:
             unet_dir, sched = root, root / "scheduler_config.json"
@@ -251,21 +235,17 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         raise ModelStoreError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not root.is_dir():
         raise ModelStoreError(f"{root}: missing folder")
+    check_folder(root)  # an unsupported class is refused here, before any weight is read
     files = ModelFiles.find(root, allow_pickle)
-    config = _read_json(files.unet_config)
-    sched = _read_json(files.scheduler_config)
+    config = read_json(files.unet_config)
+    sched = read_json(files.scheduler_config)
     alphas_cumprod = _path_of(sched, files.scheduler_config)
     try:
         unet = UNet2DModel.from_config(config)
     except Exception as e:
         raise ModelStoreError(f"{files.unet_config}: not a UNet2DModel config ({e})") from e
     class_names = _class_names(unet, files)
-    try:
-        unet.load_state_dict(_load_state_dict(files.weights), strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[:4]
-        raise ModelStoreError(f"{files.weights}: weights do not fit {files.unet_config}: "
-                              + " ".join(s.strip() for s in first)) from e
+    _fit(unet, _load_state_dict(files.weights), files)
     unet = unet.to(dev).eval().requires_grad_(False)
     if dtype != "float32":
         # diffusers' ModelMixin.to warns on every dtype cast that modules "should be kept in float32", even when the
@@ -274,6 +254,28 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         unet = unet.to(DTYPES[dtype]) if keep else torch.nn.Module.to(unet, DTYPES[dtype])
     return LoadedModel(name or root.name, unet, sched, None if alphas_cumprod is None else alphas_cumprod.to(dev),
                        dev, DTYPES[dtype], root, channels_last=channels_last, class_names=class_names)
+
+
+def _fit(unet: torch.nn.Module, state: dict[str, torch.Tensor], files: ModelFiles) -> None:
+    """Load state into unet, or one short ModelStoreError: what is missing, unexpected or of another shape, with at
+    most a few key names each."""
+    want = unet.state_dict()
+    problems = [_keys("missing", [k for k in want if k not in state]),
+                _keys("unexpected", [k for k in state if k not in want]),
+                _keys("of another shape", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+                                           if k in state and state[k].shape != v.shape])]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ModelStoreError(f"{files.weights}: weights do not fit {files.unet_config}: {'; '.join(problems)}")
+    unet.load_state_dict(state, strict=True)
+
+
+def _keys(what: str, keys: list[str], shown: int = 3) -> str:
+    """'12 keys missing (a, b, c and 9 more)', or '' for none."""
+    if not keys:
+        return ""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} key{'s' if len(keys) > 1 else ''} {what} ({', '.join(keys[:shown])}{more})"
 
 
 def _path_of(sched: dict[str, Any], path: Path) -> torch.Tensor | None:
@@ -306,7 +308,7 @@ def _class_names(unet: UNet2DModel, files: ModelFiles) -> tuple[str, ...]:
     if n < 1:
         raise ModelStoreError(f"{files.unet_config}: num_class_embeds must be at least 2 (classes + the null label)")
     index = files.root / "model_index.json"
-    labels = _read_json(index).get("id2label") if index.is_file() else None
+    labels = read_json(index).get("id2label") if index.is_file() else None
     if labels is None:
         return tuple(str(i) for i in range(n))
     if not isinstance(labels, dict) or sorted(labels, key=str) != sorted(map(str, range(n)), key=str):
@@ -320,8 +322,7 @@ def _class_names(unet: UNet2DModel, files: ModelFiles) -> tuple[str, ...]:
 
 def discover(store: Path) -> list[str]:
     """Names of the model folders in a store (folders holding a config), sorted."""
-    if not store.is_dir():
-        raise ModelStoreError(f"{store}: model store folder does not exist")
+    check_store(store)
     names = [p.name for p in sorted(store.iterdir())
              if p.is_dir() and not p.name.startswith(".")
              and any((p / f).exists() for f in ("model_index.json", "config.json", "unet"))]

@@ -8,7 +8,13 @@ async function loadModels() {
   const status = $("server-status");
   try {
     const answer = await getJSON("models");
-    models.splice(0, models.length, ...answer.models);
+    // a model that failed to load is shown with its error, not offered
+    const failed = answer.models.filter((m) => m.status === "failed");
+    models.splice(0, models.length, ...answer.models.filter((m) => m.status !== "failed"));
+    $("failed-models").replaceChildren(...failed.map((m) => el("li", { "data-model": m.name },
+      `${m.name}: failed to load (${m.error})`)));
+    $("failed-models").hidden = failed.length === 0;
+    if (!models.length) throw new Error("no model could be loaded");
     const chosen = $("model").value;
     $("model").replaceChildren(...models.map((m) => el("option", { value: m.name },
       `${m.name} (${m.kind}, ${m.image_size.join("×")}, ${m.channels === 1 ? "grey" : "colour"}` +
@@ -16,7 +22,8 @@ async function loadModels() {
     const fallback = models.find((m) => m.default) || models[0];
     $("model").value = models.some((m) => m.name === chosen) ? chosen : fallback.name;
     showModel();
-    status.textContent = `Ready: ${models.length} model${models.length === 1 ? "" : "s"}.`;
+    status.textContent = `Ready: ${models.length} model${models.length === 1 ? "" : "s"}` +
+      (failed.length ? `; ${failed.length} failed to load.` : ".");
     status.dataset.state = "ready";
   } catch (e) {
     status.textContent = e instanceof ApiError ? `${e.message} Trying again…` : `Cannot list the models: ${e.message}`;

@@ -16,6 +16,7 @@ from ddim_client.errors import (
     DeadlineExceeded,
     InvalidRequest,
     JobCancelled,
+    ModelFailed,
     NotAcceptable,
     NotFound,
     Overloaded,
@@ -28,6 +29,6 @@ from ddim_client.wire import Event, Result, RetryPolicy
 __version__ = "0.1.0"
 __all__ = [
     "APIError", "AsyncClient", "AsyncJob", "Client", "Conflict", "ConnectionFailed", "DDIMError", "DeadlineExceeded",
-    "Event", "InvalidRequest", "Job", "JobCancelled", "NotAcceptable", "NotFound", "Overloaded", "PayloadTooLarge",
-    "Result", "RetryPolicy", "ServerError", "Unavailable",
+    "Event", "InvalidRequest", "Job", "JobCancelled", "ModelFailed", "NotAcceptable", "NotFound", "Overloaded",
+    "PayloadTooLarge", "Result", "RetryPolicy", "ServerError", "Unavailable",
 ]

@@ -55,6 +55,12 @@ class PayloadTooLarge(APIError):
     status, what = 413, "too large"
 
 
+class ModelFailed(APIError):
+    """The model failed to load on the server; the detail quotes its load error. Retrying will not help."""
+
+    status, what = 424, "the model failed to load"
+
+
 class Overloaded(APIError):
     """The model's queue (or the job store) is full; `retry_after` is the server's advice in seconds."""
 
@@ -82,7 +88,8 @@ class JobCancelled(APIError):
 
 
 BY_STATUS: dict[int, type[APIError]] = {c.status: c for c in (
-    InvalidRequest, NotFound, NotAcceptable, Conflict, PayloadTooLarge, Overloaded, Unavailable, DeadlineExceeded)}
+    InvalidRequest, NotFound, NotAcceptable, Conflict, PayloadTooLarge, ModelFailed, Overloaded, Unavailable,
+    DeadlineExceeded)}
 
 
 def describe(detail: Any) -> str:
