@@ -12,8 +12,11 @@ class JsonFormatter(logging.Formatter):
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            # the exception in fields of its own: its type and message, and the traceback as one string
+            out["exc_type"] = type(record.exc_info[1]).__name__
+            out["exc_message"] = str(record.exc_info[1])[:2000]
+            out["traceback"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 

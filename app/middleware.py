@@ -43,8 +43,9 @@ class RequestMiddleware:
         try:
             await self._handle(scope, receive, send_tagged, headers)
         finally:
-            if path in ENDPOINTS:
-                self._record(path, state, status["code"], request_id, time.monotonic() - started)
+            if path in ENDPOINTS or path.startswith("/jobs") or path.startswith("/v1/"):
+                self._record(scope.get("method", ""), path, state, status["code"], request_id,
+                             time.monotonic() - started)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         length = headers.get("content-length")
@@ -77,11 +78,17 @@ class RequestMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def _record(self, path: str, state: dict[str, Any], status: int, request_id: str, seconds: float) -> None:
+    def _record(self, method: str, path: str, state: dict[str, Any], status: int, request_id: str,
+                seconds: float) -> None:
+        """The request's metric (the work endpoints) and its log line: method, path, model, status, and for an error
+        its reason (the field and the message, set by the error handlers)."""
         model = state.get("model", "")
-        self.metrics.request_duration.labels(path.strip("/"), model, str(status)).observe(seconds)
-        fields = {"request_id": request_id, "endpoint": path, "model": model, "key_id": state.get("key_id"),
-                  **state.get("params", {}),
+        if path in ENDPOINTS:
+            self.metrics.request_duration.labels(path.strip("/"), model, str(status)).observe(seconds)
+        fields = {"request_id": request_id, "method": method, "endpoint": path, "model": model,
+                  "key_id": state.get("key_id"), **state.get("params", {}),
                   "status": status, "queue_seconds": round(state.get("queue_seconds", 0.0), 6),
                   "total_seconds": round(seconds, 6)}
-        log.info("request", extra={"fields": fields})
+        if status >= 400 and state.get("reason"):
+            fields["reason"] = state["reason"]
+        log.log(logging.WARNING if status >= 500 else logging.INFO, "request", extra={"fields": fields})

@@ -54,3 +54,43 @@ def test_library_warnings_become_json_lines(root_logging: None, capfd: pytest.Ca
     assert [(e["logger"], e["level"]) for e in entries] == [("diffusers.models.modeling_utils", "warning"),
                                                             ("py.warnings", "warning")], err
     assert "a diffusers warning" in entries[0]["msg"] and "a Python warning" in entries[1]["msg"]
+
+
+def test_an_exception_is_logged_in_fields_of_its_own(root_logging: None, capfd: pytest.CaptureFixture[str]) -> None:
+    logs.setup(json_lines=True)
+    try:
+        raise ValueError("the cause")
+    except ValueError:
+        logging.getLogger("ddim.test").exception("something failed")
+    entry = json.loads(capfd.readouterr().err.strip())
+    assert entry["msg"] == "something failed" and entry["exc_type"] == "ValueError"
+    assert entry["exc_message"] == "the cause" and entry["traceback"].startswith("Traceback")
+
+
+def _log_lines(url: str) -> list[dict]:
+    text = (Path(os.environ.get("TMPDIR", "/tmp")) / f"ddim-serve-{url.rsplit(':', 1)[1]}.log").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_requests_and_jobs_log_what_an_operator_needs(cond_store: Path) -> None:
+    import httpx
+
+    from tests.api.helpers import wait_for
+
+    with running_server(cond_store, DDIM_DEFAULT_MODEL="tiny-cond") as url, httpx.Client(base_url=url) as http:
+        assert http.post("/generate", json={"steps": "many"}).status_code == 422
+        assert http.post("/generate", json={"model": "tiny-cond", "guidance_scale": 2, "steps": 2}).status_code == 422
+        job = http.post("/jobs/generate", json={"model": "tiny-flow", "n": 2, "steps": 3, "seed": 1},
+                        headers={"X-Request-ID": "job-request-1"}).json()
+        wait_for(http, job["id"])
+        lines = _log_lines(url)
+    requests = [e for e in lines if e["msg"] == "request"]
+    schema_422, engine_422 = requests[0], requests[1]
+    assert schema_422["method"] == "POST" and schema_422["status"] == 422 and schema_422["model"] == "tiny-cond"
+    assert schema_422["reason"].startswith("steps: ")
+    assert engine_422["model"] == "tiny-cond" and engine_422["reason"].startswith("guidance_scale: ")
+    created = next(e for e in lines if e["msg"] == "job created")
+    assert created["request_id"] == "job-request-1" and created["job_id"] == job["id"]
+    assert (created["model"], created["n"], created["steps"]) == ("tiny-flow", 2, 3)
+    ended = next(e for e in lines if e["msg"] == "job succeeded")
+    assert ended["job_id"] == job["id"] and ended["run_seconds"] > 0 and "queue_seconds" in ended

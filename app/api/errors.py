@@ -42,8 +42,26 @@ def _reject(request: Request, reason: str) -> None:
     request.app.state.metrics.rejected.labels(reason).inc()
 
 
-def error_response(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+def _name_model(request: Request, body: Any) -> None:
+    """For the request's log line: the model a refused body asked for (or the default), when no route named it."""
+    if getattr(request.state, "model", None):
+        return
+    asked = body.get("model") if isinstance(body, dict) else None
+    request.state.model = asked if isinstance(asked, str) else (request.app.state.engine.default_name or "")
+
+
+def error_response(status: int, detail: Any, headers: dict[str, str] | None = None,
+                   request: Request | None = None) -> JSONResponse:
+    """The JSON error; with request, its reason also goes to the request's log line ("field: msg; ...")."""
+    if request is not None:
+        request.state.reason = _reason(detail)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _reason(detail: Any) -> str:
+    if isinstance(detail, list):
+        return "; ".join(f"{d.get('field')}: {d.get('msg')}" if isinstance(d, dict) else str(d) for d in detail)
+    return str(detail)
 
 
 def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -68,53 +86,55 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         _reject(request, "invalid")
-        return error_response(422, _field_errors(exc))
+        _name_model(request, exc.body)
+        return error_response(422, _field_errors(exc), request=request)
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
         _reject(request, "invalid")
-        return error_response(422, [{"field": exc.field, "msg": str(exc), "type": "value_error"}])
+        return error_response(422, [{"field": exc.field, "msg": str(exc), "type": "value_error"}], request=request)
 
     @app.exception_handler(PayloadTooLarge)
     async def _too_large(request: Request, exc: PayloadTooLarge) -> JSONResponse:
         _reject(request, "too_large")
-        return error_response(413, [{"field": exc.field, "msg": str(exc), "type": "too_large"}])
+        return error_response(413, [{"field": exc.field, "msg": str(exc), "type": "too_large"}], request=request)
 
     @app.exception_handler(UnknownModel)
     async def _unknown(request: Request, exc: UnknownModel) -> JSONResponse:
         _reject(request, "unknown_model")
-        return error_response(404, [{"field": "model", "msg": str(exc), "type": "not_found"}])
+        return error_response(404, [{"field": "model", "msg": str(exc), "type": "not_found"}], request=request)
 
     @app.exception_handler(ModelFailed)
     async def _model_failed(request: Request, exc: ModelFailed) -> JSONResponse:
         """424 Failed Dependency, no Retry-After: the model will not load until its folder is fixed."""
         _reject(request, "model_failed")
-        return error_response(424, [{"field": "model", "msg": str(exc), "type": "model_failed"}])
+        request.state.model = exc.model
+        return error_response(424, [{"field": "model", "msg": str(exc), "type": "model_failed"}], request=request)
 
     @app.exception_handler(Overloaded)
     async def _full(request: Request, exc: Overloaded) -> JSONResponse:
         _reject(request, "queue_full")
-        return error_response(429, str(exc), {"Retry-After": str(max(1, round(exc.retry_after)))})
+        return error_response(429, str(exc), {"Retry-After": str(max(1, round(exc.retry_after)))}, request)
 
     @app.exception_handler(DeadlineExceeded)
     async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
-        return error_response(504, str(exc))
+        return error_response(504, str(exc), request=request)
 
     @app.exception_handler(ShuttingDown)
     async def _draining(request: Request, exc: ShuttingDown) -> JSONResponse:
         _reject(request, "shutting_down")
-        return error_response(503, str(exc), {"Retry-After": "5"})
+        return error_response(503, str(exc), {"Retry-After": "5"}, request)
 
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
         if request.url.path in ENDPOINTS:  # work refused; a probe of /readyz or a look at /models is not
             _reject(request, "not_ready")
-        return error_response(503, str(exc) or "models are still loading", {"Retry-After": "5"})
+        return error_response(503, str(exc) or "models are still loading", {"Retry-After": "5"}, request)
 
     @app.exception_handler(NotAcceptable)
     async def _not_acceptable(request: Request, exc: NotAcceptable) -> JSONResponse:
         _reject(request, "not_acceptable")
-        return error_response(406, str(exc))
+        return error_response(406, str(exc), request=request)
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone) -> JSONResponse:
@@ -123,7 +143,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
+        return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None), request)
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError) -> JSONResponse:

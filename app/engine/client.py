@@ -28,6 +28,7 @@ from app.sampling import Direction, Plan, ScheduleError, draw, is_stochastic, sa
 from app.startup import layouts_for, tune_process, warm_up
 
 log = logging.getLogger(__name__)
+job_log = logging.getLogger("ddim.jobs")
 
 
 class Engine:
@@ -262,6 +263,10 @@ class Engine:
         self._queue_first(handle, prepared)
         if retain:
             self.jobs.add(handle)
+            job_log.info("job created", extra={"fields": {
+                "request_id": request_id, "job_id": handle.id, "task": work.task, "model": handle.model,
+                "n": prepared.n, "steps": prepared.steps}})
+            handle.on_finish.append(_log_job_end)
         handle.start(asyncio.ensure_future(self._run_until(handle, prepared, seconds)))
         self._inflight.add(handle)
         handle.on_finish.append(self._finished)
@@ -335,3 +340,15 @@ class Engine:
         if left:
             await asyncio.wait([asyncio.ensure_future(h.result()) for h in left], timeout=5)
         log.info("drained: %d finished in time, %d failed", len(pending) - len(left), len(left))
+
+
+def _log_job_end(handle: RequestHandle) -> None:
+    """A job's last line: succeeded, failed (with the error) or cancelled, with its queue and run seconds."""
+    run = 0.0 if handle.finished_at is None or handle.started_at is None else handle.finished_at - handle.started_at
+    fields: dict[str, object] = {"request_id": handle.request_id, "job_id": handle.id, "task": handle.task,
+                                 "model": handle.model, "status": handle.status,
+                                 "queue_seconds": round(handle.queue_seconds, 6), "run_seconds": round(run, 6)}
+    if handle.status == "failed" and handle.error is not None:
+        fields["error"] = str(handle.error)
+    level = logging.WARNING if handle.status == "failed" else logging.INFO
+    job_log.log(level, f"job {handle.status}", extra={"fields": fields})

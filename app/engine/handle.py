@@ -19,6 +19,7 @@ from app.engine.errors import (
     DeadlineExceeded,
     InvalidRequest,
     JobCancelled,
+    ModelFailed,
     Overloaded,
     ShuttingDown,
     UnknownModel,
@@ -52,8 +53,8 @@ class Event:
 
 def error_status(error: BaseException) -> int:
     """The HTTP status an engine error maps to."""
-    for kind, status in ((InvalidRequest, 422), (UnknownModel, 404), (Overloaded, 429), (DeadlineExceeded, 504),
-                         (ShuttingDown, 503)):
+    for kind, status in ((InvalidRequest, 422), (UnknownModel, 404), (ModelFailed, 424), (Overloaded, 429),
+                         (DeadlineExceeded, 504), (ShuttingDown, 503)):
         if isinstance(error, kind):
             return status
     return 500

@@ -93,6 +93,7 @@ class Prepared:
     steps: int
     run: Any  # Callable[[RequestHandle], Coroutine[Any, Any, Outcome]]
     first: list[SampleJob] = field(default_factory=list)
+    n: int = 0  # images (or frames) the task makes
 
 
 def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[str, Any]:
@@ -115,8 +116,16 @@ def prepare(engine: Engine, work: Work) -> Prepared:
         prepared = _prepare_invert(engine, model, work)
     else:
         prepared = _prepare_interpolate(engine, model, work)
+    prepared.n = _size(work)
     _check_work(engine, work, prepared)
     return prepared
+
+
+def _size(work: Work) -> int:
+    """The images a task makes: n, one per image inverted, or the frames."""
+    if isinstance(work, GenerateWork):
+        return work.n
+    return work.frames if isinstance(work, InterpolateWork) else int(work.images.shape[0])
 
 
 def _check_effective(model: LoadedModel, work: Work) -> None:
@@ -140,8 +149,7 @@ def _check_effective(model: LoadedModel, work: Work) -> None:
 
 def _check_work(engine: Engine, work: Work, prepared: Prepared) -> None:
     """The work cap: samples x steps over the whole task, a guided sample counting twice."""
-    n = work.n if isinstance(work, GenerateWork) else work.frames if isinstance(work, InterpolateWork) else \
-        int(work.images.shape[0])
+    n = prepared.n
     rows = 2 if work.class_label is not None and work.w not in (0.0, 1.0) else 1
     cost, cap = n * prepared.steps * rows, engine.settings.max_work
     if cost > cap:
