@@ -26,6 +26,7 @@ from app.models.folder import random_model_folder
 from app.train.ddpm import FLOW_SCHEDULER_CONFIG, UNET_CONFIG
 from benchmarks.load import closed_loop, steps_at
 from benchmarks.paired import paired_round, summary
+from benchmarks.serving import serve, server_facts, server_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = ROOT / "model_store" / "fashion-mnist-flow"
@@ -94,8 +95,6 @@ def previews(url: str, clients: int, slices: int, seconds: float) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.run import serve, server_facts, server_pid
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.features", description=__doc__)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--slices", type=int, default=3, help="alternating slices per comparison")

@@ -12,19 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["app.api", "app.engine", "app.startup", "app.models", "app.sampling"]
 
 
-def imports(path: Path, runtime: bool = False) -> set[str]:
-    """The app.* / tests.* modules a file imports; runtime: leave out those under `if TYPE_CHECKING:`, which
-    annotate and never run (they count for the layers, not for circles)."""
+def imports(path: Path) -> set[str]:
+    """The app.* / tests.* / benchmarks.* modules a file imports, those under `if TYPE_CHECKING:` included."""
     tree = ast.parse(path.read_text())
-    if runtime:
-        tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
     out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
-    return {m for m in out if m.split(".")[0] in ("app", "tests")}
+    return {m for m in out if m.split(".")[0] in ("app", "tests", "benchmarks")}
 
 
 def module(path: Path) -> str:
@@ -49,9 +46,8 @@ def test_no_layer_imports_a_layer_above_it() -> None:
     assert not wrong, wrong
 
 
-def test_no_import_circle_between_app_modules() -> None:
-    files = (ROOT / "app").rglob("*.py")
-    graph = {module(p): {d for d in imports(p, runtime=True) if d.startswith("app")} for p in files}
+def _circle(graph: dict[str, set[str]]) -> None:
+    """Raise AssertionError naming the first import circle of graph (module -> the modules it imports)."""
     state: dict[str, int] = {}
 
     def visit(node: str, trail: list[str]) -> None:
@@ -67,6 +63,18 @@ def test_no_import_circle_between_app_modules() -> None:
     for name in sorted(graph):
         if state.get(name) is None:
             visit(name, [])
+
+
+def test_no_import_circle_between_app_modules() -> None:
+    """Type-checking imports count too: a module that needs another's type for its own annotations while the other
+    imports it is a circle all the same (issue 24 found client <-> tasks)."""
+    files = (ROOT / "app").rglob("*.py")
+    _circle({module(p): {d for d in imports(p) if d.startswith("app")} for p in files})
+
+
+def test_no_import_circle_between_benchmark_modules() -> None:
+    files = (ROOT / "benchmarks").rglob("*.py")
+    _circle({module(p): {d for d in imports(p) if d.startswith("benchmarks")} for p in files})
 
 
 def test_benchmarks_import_nothing_from_tests() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -86,3 +86,15 @@ class SampleJob:
     @property
     def rows_per_sample(self) -> int:
         return 2 if self.guided else 1
+
+
+def resolve(job: SampleJob, result: JobResult | None = None, error: BaseException | None = None) -> None:
+    """Settle a job's future once; a future already settled (or cancelled) is left as it is."""
+    try:
+        if not job.future.done():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass

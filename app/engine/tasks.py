@@ -12,22 +12,50 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
+from app.config import Settings
 from app.engine.errors import InvalidRequest
 from app.engine.handle import Outcome, RequestHandle
 from app.engine.jobs import SampleJob
 from app.models import LoadedModel
-from app.sampling import Spacing, draw, lerp, sample_generators, slerp
+from app.sampling import Direction, Plan, Spacing, draw, lerp, sample_generators, slerp
 
 __all__ = ["End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work", "prepare"]
 
-if TYPE_CHECKING:
-    from app.engine.client import Engine
-
 ClassLabel = int | str | list[int | str] | None
+
+
+class Engine(Protocol):
+    """What a task needs of the engine (app/engine/client.py implements it): its models, validated jobs, and a way
+    to run a job to its samples. A protocol, so that this module does not import the client that imports it."""
+
+    settings: Settings
+
+    def model(self, name: str | None) -> LoadedModel: ...
+
+    def check_steps(self, model: LoadedModel, steps: int, schedule: str | None,
+                    direction: Direction = "generate") -> Plan: ...
+
+    def class_labels(self, model: LoadedModel, class_label: ClassLabel, n: int,
+                     field: str = "class_label") -> torch.Tensor | None: ...
+
+    def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str) -> torch.Tensor: ...
+
+    def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str | None,
+                     seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
+                     endpoint: str = "generate", class_labels: torch.Tensor | None = None,
+                     guidance_scale: float = 1.0) -> tuple[SampleJob, int | None]: ...
+
+    def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str | None,
+                   endpoint: str = "invert", class_labels: torch.Tensor | None = None,
+                   guidance_scale: float = 1.0) -> SampleJob: ...
+
+    async def run(self, model: LoadedModel, job: SampleJob, handle: RequestHandle | None = None) -> torch.Tensor: ...
+
+    def count_images(self, model: LoadedModel, endpoint: str, n: int) -> None: ...
 
 
 @dataclass

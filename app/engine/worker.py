@@ -12,15 +12,15 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import InvalidStateError
 from typing import Literal
 
 import torch
 
 from app.engine.batch import ActiveBatch, Row
 from app.engine.faults import free_cached, is_out_of_memory, nonfinite_rows
-from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob
+from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob, resolve
 from app.engine.priority import ShortFirst
+from app.engine.progress import report_progress
 from app.metrics import Metrics
 from app.models import LoadedModel
 from app.sampling import guide, take_step
@@ -134,7 +134,7 @@ class BatchWorker:
             self.batch.keep(torch.tensor([not r.job.cancelled for r in self.batch.rows]))
         self.waiting = deque(r for r in self.waiting if not r.job.cancelled)
         for job in cancelled.values():
-            _resolve(job, error=JobCancelled(f"job {job.id} was cancelled"))
+            resolve(job, error=JobCancelled(f"job {job.id} was cancelled"))
 
     def _rows_to_step(self) -> torch.Tensor | None:
         """The rows this forward steps: None for all of them. A forward holds at most max_batch_size rows, a
@@ -184,7 +184,7 @@ class BatchWorker:
         x_next = stepped.prev_sample
         bad = nonfinite_rows(x_next)
         broken = set() if bad is None else {self._row(idx, int(k)).job for k in bad.tolist()}
-        self._report(idx, stepped.pred_original_sample)
+        report_progress(self.batch, idx, stepped.pred_original_sample)
         self._batch_size.observe(rows)
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(x))
@@ -200,7 +200,7 @@ class BatchWorker:
             if job.remaining == 0 and job not in broken:
                 now = time.monotonic()
                 first = job.first_step_at or now
-                _resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
+                resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
 
     def _row(self, idx: torch.Tensor | None, k: int) -> Row:
         return self.batch.rows[k if idx is None else int(idx[k])]
@@ -232,40 +232,15 @@ class BatchWorker:
         for job in jobs:
             self.metrics.failures.labels(self.model.name, cause).inc()
             log.error("%s; failing request %s", message, job.tag or job.id)
-            _resolve(job, error=EngineError(message))
+            resolve(job, error=EngineError(message))
         self.batch.keep(torch.tensor([r.job not in jobs for r in self.batch.rows], dtype=torch.bool))
         with self._cond:
             self.waiting = deque(r for r in self.waiting if r.job not in jobs)
         self._gauges()
 
-    def _report(self, idx: torch.Tensor | None, x0: torch.Tensor) -> None:
-        """Tell each stepped job that wants progress how many steps its slowest stepped sample has done, with
-        its x0 predictions every preview_every steps."""
-        b = self.batch
-        rows = b.rows if idx is None else [b.rows[i] for i in idx.tolist()]
-        if not any(r.job.on_progress is not None for r in rows):
-            return
-        pos = (b.pos if idx is None else b.pos.index_select(0, idx)).tolist()
-        done: dict[SampleJob, int] = {}
-        at: dict[SampleJob, list[int]] = {}
-        for k, (r, p) in enumerate(zip(rows, pos)):
-            if r.job.on_progress is not None:
-                done[r.job] = min(done.get(r.job, p + 1), p + 1)
-                at.setdefault(r.job, []).append(k)
-        for job, steps in done.items():
-            if steps <= job.reported:
-                continue
-            job.reported = steps
-            every = job.preview_every
-            preview = x0[at[job]].float().cpu() if every and (steps % every == 0 or steps == job.steps) else None
-            try:
-                job.on_progress(steps, preview)  # type: ignore[misc]
-            except Exception:  # a listener's failure is not the step's
-                log.exception("progress listener failed for job %d", job.id)
-
     def _fail_active(self, error: BaseException) -> None:
         for job in {id(r.job): r.job for r in self.batch.rows}.values():
-            _resolve(job, error=error)
+            resolve(job, error=error)
         self.batch.keep(torch.zeros(len(self.batch), dtype=torch.bool))
 
     def _gauges(self) -> None:
@@ -316,17 +291,6 @@ class BatchWorker:
             pending, self.waiting = list(self.waiting), deque()
         error = EngineError("the server is shutting down")
         for r in pending:  # outside the lock: a future's callbacks run here and may submit again
-            _resolve(r.job, error=error)
+            resolve(r.job, error=error)
         self._fail_active(error)
 
-
-def _resolve(job: SampleJob, result: JobResult | None = None, error: BaseException | None = None) -> None:
-    """Settle a job's future once; a future already settled (or cancelled) is left as it is."""
-    try:
-        if not job.future.done():
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(result)  # type: ignore[arg-type]
-    except InvalidStateError:
-        pass

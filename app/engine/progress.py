@@ -1,0 +1,37 @@
+"""Progress of the jobs in a batch: after each step, how far each job's slowest stepped sample is, with previews."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from app.engine.batch import ActiveBatch
+from app.engine.jobs import SampleJob
+
+log = logging.getLogger(__name__)
+
+
+def report_progress(b: ActiveBatch, idx: torch.Tensor | None, x0: torch.Tensor) -> None:
+    """Tell each stepped job that wants progress how many steps its slowest stepped sample has done, with
+    its x0 predictions every preview_every steps."""
+    rows = b.rows if idx is None else [b.rows[i] for i in idx.tolist()]
+    if not any(r.job.on_progress is not None for r in rows):
+        return
+    pos = (b.pos if idx is None else b.pos.index_select(0, idx)).tolist()
+    done: dict[SampleJob, int] = {}
+    at: dict[SampleJob, list[int]] = {}
+    for k, (r, p) in enumerate(zip(rows, pos)):
+        if r.job.on_progress is not None:
+            done[r.job] = min(done.get(r.job, p + 1), p + 1)
+            at.setdefault(r.job, []).append(k)
+    for job, steps in done.items():
+        if steps <= job.reported:
+            continue
+        job.reported = steps
+        every = job.preview_every
+        preview = x0[at[job]].float().cpu() if every and (steps % every == 0 or steps == job.steps) else None
+        try:
+            job.on_progress(steps, preview)  # type: ignore[misc]
+        except Exception:  # a listener's failure is not the step's
+            log.exception("progress listener failed for job %d", job.id)
