@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --progress-bar on $(TORCH_PIP_ARGS) torch==2.13.0
 	@echo "==> [4/4] installing ddim-serve and its dependencies"
 	$(BIN)/pip install --progress-bar on -e '.[$(EXTRAS)]'
+	@# CLIP's BPE file for the tests' tiny pipelines (harness/pipelines.py); no deps: its torchvision would replace torch
+	$(BIN)/pip install --progress-bar on --no-deps open_clip_torch
 	touch $(STAMP)
 	@echo "==> installed; 'make serve' and 'make test' start at once from now on"
 
