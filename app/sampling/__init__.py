@@ -1,5 +1,13 @@
 """Pure tensor math of DDIM sampling and multistep solvers on Gaussian paths: no I/O, no threads, no global state."""
 
+from app.sampling.multistep import (
+    MultistepCoefficients,
+    MultistepOutput,
+    MultistepState,
+    SolverRows,
+    multistep_coefficients,
+    multistep_update,
+)
 from app.sampling.multistep_plans import (
     FLOW_SOLVER_SPACINGS,
     SAMPLERS,
@@ -58,12 +66,16 @@ __all__ = [
     "SPACINGS",
     "VP_PREDICTION_TYPES",
     "Direction",
+    "MultistepCoefficients",
+    "MultistepOutput",
+    "MultistepState",
     "PathKind",
     "Plan",
     "PredictionType",
     "Sampler",
     "ScheduleError",
     "SolverPlan",
+    "SolverRows",
     "SolverSpacing",
     "Spacing",
     "StepCoefficients",
@@ -87,6 +99,8 @@ __all__ = [
     "invert_step",
     "is_stochastic",
     "lerp",
+    "multistep_coefficients",
+    "multistep_update",
     "predict_x0_eps",
     "prediction_codes",
     "sample_generators",
