@@ -1,5 +1,26 @@
-"""Pure tensor math of DDIM sampling on Gaussian paths: no I/O, no threads, no global state."""
+"""Pure tensor math of DDIM sampling and multistep solvers on Gaussian paths: no I/O, no threads, no global state."""
 
+from app.sampling.multistep import (
+    MultistepCoefficients,
+    MultistepOutput,
+    MultistepState,
+    SolverRows,
+    multistep_coefficients,
+    multistep_update,
+)
+from app.sampling.multistep_plans import (
+    FLOW_SOLVER_SPACINGS,
+    SAMPLERS,
+    SOLVER_SPACINGS,
+    Sampler,
+    SolverPlan,
+    SolverSpacing,
+    check_solver_config,
+    diffusers_overrides,
+    flow_solver_plan,
+    solver_levels,
+    vp_solver_plan,
+)
 from app.sampling.noise import draw, is_stochastic, sample_generators
 from app.sampling.paths import PATH_KINDS, Direction, PathKind, Plan, flow_levels, flow_plan, vp_levels, vp_plan
 from app.sampling.schedules import (
@@ -36,16 +57,26 @@ from app.sampling.step import (
 )
 
 __all__ = [
+    "FLOW_SOLVER_SPACINGS",
     "FLOW_SPACINGS",
     "PATH_KINDS",
     "PREDICTION_TYPES",
+    "SAMPLERS",
+    "SOLVER_SPACINGS",
     "SPACINGS",
     "VP_PREDICTION_TYPES",
     "Direction",
+    "MultistepCoefficients",
+    "MultistepOutput",
+    "MultistepState",
     "PathKind",
     "Plan",
     "PredictionType",
+    "Sampler",
     "ScheduleError",
+    "SolverPlan",
+    "SolverRows",
+    "SolverSpacing",
     "Spacing",
     "StepCoefficients",
     "StepOutput",
@@ -53,26 +84,33 @@ __all__ = [
     "alphas_cumprod_from_config",
     "betas_from_config",
     "check_flow_config",
+    "check_solver_config",
     "coefficient_dtype",
     "ddim_sigma",
     "ddim_step",
+    "diffusers_overrides",
     "draw",
     "flow_levels",
     "flow_plan",
     "flow_sigmas",
+    "flow_solver_plan",
     "generalized_step",
     "guide",
     "invert_step",
     "is_stochastic",
     "lerp",
+    "multistep_coefficients",
+    "multistep_update",
     "predict_x0_eps",
     "prediction_codes",
     "sample_generators",
     "sigma_eta",
     "slerp",
+    "solver_levels",
     "step_coefficients",
     "take_step",
     "timestep_sequence",
     "vp_levels",
     "vp_plan",
+    "vp_solver_plan",
 ]
