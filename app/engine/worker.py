@@ -24,8 +24,10 @@ from app.engine.progress import report_progress
 from app.metrics import Metrics
 from app.models import LoadedModel
 from app.sampling import guide, take_step
+from app.startup.openmp import release_thread_team
 
 log = logging.getLogger(__name__)
+IDLE_RELEASE_SECONDS = 1.0  # idle this long, a worker gives its OpenMP threads back (app/startup/openmp.py)
 
 
 class BatchWorker:
@@ -48,6 +50,7 @@ class BatchWorker:
         self._cancel_pending = False
         self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}", daemon=True)
         self._step_seconds = 0.0  # moving average, for Retry-After
+        self._cpu = model.device.type == "cpu"
         name = model.name
         self._batch_size = metrics.batch_size.labels(name)
         self._forward_seconds = metrics.forward_seconds.labels(name)
@@ -271,11 +274,15 @@ class BatchWorker:
         self._loop()
 
     def _loop(self) -> None:
+        released = False  # this thread's OpenMP team was given back while idle (app/startup/openmp.py)
         while True:
             try:
                 with self._cond:
                     while not self._stop and not self.waiting and not len(self.batch):
-                        self._cond.wait()
+                        idle = not self._cond.wait(None if released or not self._cpu else IDLE_RELEASE_SECONDS)
+                        if idle and not self.waiting and not len(self.batch):
+                            released = release_thread_team() or True
+                    released = False
                     if self._stop:
                         break
                     self._drop_cancelled()
