@@ -205,7 +205,11 @@ def _rounds(r: dict[str, Any]) -> list[str]:
 
 
 def _model(r: dict[str, Any]) -> list[str]:
+    store = r.get("store", [r["model"]])
     lines = [f"## {r['model']} (B = {r['batch']}, S = {r['steps']})", "",
+             f"Served from a store of {', '.join(store)} "
+             f"({'every bundled model loaded, the others idle' if len(store) > 1 else 'this model alone'}).",
+             "",
              f"### Fast paths, one at a time (raw forward at batch {r['batch']})", "",
              "| path | image-steps/s | × plain | compile s |", "|---|---|---|---|"]
     for p in r["fast_paths"]:
