@@ -70,12 +70,24 @@ def cluster() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def serving(cluster: str, tiny_store: Path) -> Iterator[tuple[str, subprocess.Popen]]:  # type: ignore[type-arg]
+def ray_store(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> Path:
+    """The tiny store and a folder that cannot load (its weights cut short): replicas serve the others (issue 24)."""
+    store = tmp_path_factory.mktemp("ray_store")
+    for name in ("tiny", "tiny-rgb"):
+        shutil.copytree(tiny_store / name, store / name)
+    shutil.copytree(tiny_store / "tiny", store / "truncated")
+    weights = store / "truncated" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return store
+
+
+@pytest.fixture(scope="module")
+def serving(cluster: str, ray_store: Path) -> Iterator[tuple[str, subprocess.Popen]]:  # type: ignore[type-arg]
     """`ddim-serve-ray --replicas 2` joined to the cluster; yields (the proxy's URL, the process). The Serve tuning
     is left to the command (not inherited from the shell running the tests)."""
     from app.distributed.cli import SERVE_TUNING
 
-    args = ["--address", cluster, "--model-store", str(tiny_store), "--replicas", "2", "--num-cpus", "0.5",
+    args = ["--address", cluster, "--model-store", str(ray_store), "--replicas", "2", "--num-cpus", "0.5",
             "--max-ongoing-requests", "8", "--max-queued-requests", "16"]
     with ray_serve_process(args, {**PINS, **dict.fromkeys(SERVE_TUNING)}, ready_timeout=180, stop_timeout=60) as served:
         yield served
@@ -148,11 +160,14 @@ SEEDED = [{"n": 3, "steps": 8, "eta": 0.0, "seed": 11, "return_latents": True},
           {"n": 2, "steps": 6, "eta": 1.0, "seed": 5, "return_latents": True}]
 
 
-def test_answers_equal_the_single_servers_on_every_replica(proxy: httpx.Client, tiny_store: Path) -> None:
-    with running_server(tiny_store, DDIM_DEFAULT_MODEL="tiny") as url, httpx.Client(base_url=url, timeout=120) as one:
+def test_answers_equal_the_single_servers_on_every_replica(proxy: httpx.Client, ray_store: Path) -> None:
+    """Answers, /models (the failed model listed as on one server) and errors (a 424 for the failed model too)."""
+    bad = [{"steps": 0}, {"model": "nope"}, {"model": "truncated", "steps": 2}]
+    with running_server(ray_store, DDIM_DEFAULT_MODEL="tiny") as url, httpx.Client(base_url=url, timeout=120) as one:
         expected = [generate(one, body).json() for body in SEEDED]
         single_models = one.get("/models").json()
-        single_errors = [one.post("/generate", json={"steps": 0}), one.post("/generate", json={"model": "nope"})]
+        single_errors = [one.post("/generate", json=body) for body in bad]
+    assert [e.status_code for e in single_errors] == [422, 404, 424]
     seen: set[str] = set()
     for _ in range(20):  # until both replicas have answered
         for body, want in zip(SEEDED, expected):
@@ -166,8 +181,8 @@ def test_answers_equal_the_single_servers_on_every_replica(proxy: httpx.Client, 
             break
     assert len(seen) == 2, seen
     assert proxy.get("/models").json() == single_models
-    for want, got in zip(single_errors, [proxy.post("/generate", json={"steps": 0}),
-                                         proxy.post("/generate", json={"model": "nope"})]):
+    assert [m["status"] for m in single_models["models"]] == ["ready", "ready", "failed"]
+    for want, got in zip(single_errors, [proxy.post("/generate", json=body) for body in bad]):
         assert (got.status_code, got.json()) == (want.status_code, want.json())
         assert got.headers["x-replica-id"] in seen
 
