@@ -148,7 +148,7 @@ def _generate_work(body: GenerateRequest) -> GenerateWork:
     return GenerateWork(model=body.model, n=body.n, steps=body.steps, eta=body.eta, variance=body.variance,
                         schedule=body.schedule, seed=body.seed, x_T=x_T, clip_denoised=body.clip_denoised,
                         class_label=body.class_label, guidance_scale=body.guidance_scale,
-                        preview_every=body.preview_every)
+                        preview_every=body.preview_every, sampler=body.sampler, solver_order=body.solver_order)
 
 
 async def _invert_work(request: Request, engine: Engine, settings: Settings) -> tuple[InvertRequest, InvertWork]:
@@ -170,7 +170,8 @@ async def _interpolate_work(request: Request, engine: Engine, settings: Settings
                   for e, name in ((body.start, "start"), (body.end, "end"))]
     return InterpolateWork(model=body.model, start=start, end=end, frames=body.frames, steps=body.steps,
                            schedule=body.schedule, method=body.method, class_label=body.class_label,
-                           guidance_scale=body.guidance_scale, preview_every=body.preview_every)
+                           guidance_scale=body.guidance_scale, preview_every=body.preview_every,
+                           sampler=body.sampler, solver_order=body.solver_order)
 
 
 @router.post("/generate", responses=render.RESPONSES["generate"])

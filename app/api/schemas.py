@@ -8,7 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.engine.tasks import Spacing
 
-Schedule = Spacing  # the schedule names: one definition, in app/sampling/schedules.py, passed on by the engine
+Schedule = Spacing | Literal["karras"]  # the ddim schedules (app/sampling/schedules.py) and the solvers' karras
+Sampler = Literal["ddim", "dpmsolver++", "unipc"]
+SAMPLER_DOC = ("ddim (the default: the paper's generalized step, eta and variance apply), dpmsolver++ (DPM-Solver++ "
+               "multistep, diffusers' DPMSolverMultistepScheduler) or unipc (UniPC bh2 with its corrector); the "
+               "multistep samplers are deterministic (eta 0) and never clip x0")
 SEED_MAX = 2**62
 ClassLabel = Annotated[int, Field(ge=0)] | str
 SCHEDULE_DOC = ("timestep spacing; default: the model's (uniform on VP models; linspace, diffusers' "
@@ -48,7 +52,11 @@ class GenerateRequest(_Guided):
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="chosen at random and echoed back if omitted; "
                              "with x_T and eta = 0 nothing is drawn, and a seed is a 422")
     x_T: str | None = Field(None, description="start latents: base64 .npy, float32, shape (n, C, H, W)")
-    clip_denoised: bool | None = Field(None, description="clip predicted x0 to [-1, 1]; default: the model's")
+    clip_denoised: bool | None = Field(None, description="clip predicted x0 to [-1, 1]; default: the model's "
+                                       "(ddim only)")
+    sampler: Sampler = Field("ddim", description=SAMPLER_DOC)
+    solver_order: int | None = Field(None, ge=1, le=3, description="dpmsolver++ and unipc: the solver order, 1-3 "
+                                     "(default 2, DPM++ 2M)")
     return_latents: bool = Field(False, description="JSON answers only: add x_T and x_0 (base64 .npy); "
                                  "an image/png or .npy answer carries the images or x_0 alone")
 
@@ -56,6 +64,7 @@ class GenerateRequest(_Guided):
 class InvertRequest(_Guided):
     model: str | None = None
     images: list[str] = Field(..., min_length=1, description="base64 PNG or JPEG images")
+    sampler: Literal["ddim"] = Field("ddim", description="inversion is DDIM's (Eq. 14): only 'ddim'")
     steps: int = Field(50, ge=1)
     schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     return_reconstruction: bool = False
@@ -84,6 +93,9 @@ class InterpolateRequest(_Guided):
     steps: int = Field(50, ge=1)
     schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
     method: Literal["slerp", "lerp"] = "slerp"
+    sampler: Sampler = Field("ddim", description=SAMPLER_DOC + "; seed and x_T ends only (image ends are "
+                             "inverted with DDIM)")
+    solver_order: int | None = Field(None, ge=1, le=3, description="dpmsolver++ and unipc: the order, 1-3 (default 2)")
     return_latents: bool = False
 
 
@@ -97,6 +109,7 @@ class GenerateResponse(BaseModel):
     eta: float
     variance: str
     schedule: str
+    sampler: str = "ddim"
     class_label: list[str] | None = Field(None, description="conditional models: the class of each image, by name")
     guidance_scale: float | None = Field(None, description="conditional models: w")
     images: list[str] = Field(description="base64 PNGs, one per sample")
@@ -120,6 +133,7 @@ class InterpolateResponse(BaseModel):
     frames: int
     steps: int
     schedule: str
+    sampler: str = "ddim"
     method: str
     class_label: list[str] | None = Field(None, description="conditional models: the class of each image, by name")
     guidance_scale: float | None = Field(None, description="conditional models: w")

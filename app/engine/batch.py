@@ -10,7 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.jobs import SampleJob
-from app.sampling import StepCoefficients, coefficient_dtype, step_coefficients
+from app.sampling import (
+    MultistepState,
+    SolverPlan,
+    SolverRows,
+    StepCoefficients,
+    coefficient_dtype,
+    multistep_coefficients,
+    multistep_update,
+    step_coefficients,
+)
+
+# The solver columns of a DDIM row, once a batch holds multistep rows: never read, only kept aligned.
+_NO_SOLVER = SolverPlan("dpmsolver++", 1, "epsilon", "vp", torch.zeros(1, dtype=torch.long), torch.tensor([1.0, 0.0]))
 
 
 @dataclass
@@ -27,9 +39,11 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 class ActiveBatch:
     """x [B, C, H, W] plus each row's plan (levels a, s and network timesteps), position, eta, variance kind,
-    clipping, class label and guidance scale."""
+    clipping, class label and guidance scale. Once a multistep-solver row (DPM-Solver++, UniPC) joins, every row
+    also has solver columns: its solver plan (SolverRows) and memory (MultistepState), placeholders on DDIM rows."""
 
-    PER_ROW = ("a", "s", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "labels", "w", "guided")
+    PER_ROW = ("a", "s", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "labels", "w", "guided",
+               "multistep")
 
     def __init__(self, device: torch.device, null_class: int | None = None) -> None:
         self.device = device
@@ -44,7 +58,9 @@ class ActiveBatch:
         self.model_t = empty(torch.float32, 0)
         self.pos, self.n_steps, self.labels = (empty(torch.long) for _ in range(3))
         self.eta, self.w = empty(self.coef_dtype), empty(self.coef_dtype)
-        self.large, self.clip, self.stochastic, self.guided = (empty(torch.bool) for _ in range(4))
+        self.large, self.clip, self.stochastic, self.guided, self.multistep = (empty(torch.bool) for _ in range(5))
+        self.solver_rows: SolverRows | None = None
+        self.solver_state: MultistepState | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -88,7 +104,33 @@ class ActiveBatch:
                                            for r in rows])
         self.w = extend(self.w, [j.guidance_scale for j in jobs])
         self.guided = extend(self.guided, [j.guided for j in jobs])
+        self._add_solvers([j.solver for j in jobs], new_x)
         self.rows.extend(rows)
+
+    def _add_solvers(self, plans: list[SolverPlan | None], new_x: torch.Tensor) -> None:
+        """The solver columns of newly admitted rows (first creating them for the rows already here)."""
+        self.multistep = torch.cat([self.multistep, torch.tensor([p is not None for p in plans], device=self.device)])
+        if self.solver_rows is None:
+            if all(p is None for p in plans):
+                return
+            assert self.x is not None
+            old = len(self.rows)
+            self.solver_rows = SolverRows.from_plans([_NO_SOLVER] * old, self.device) if old else None
+            self.solver_state = MultistepState.initial(self.x[:old]) if old else None
+        rows = SolverRows.from_plans([p or _NO_SOLVER for p in plans], self.device)
+        state = MultistepState.initial(new_x)
+        self.solver_rows = rows if self.solver_rows is None else self.solver_rows.cat(rows)
+        self.solver_state = state if self.solver_state is None else self.solver_state.cat(state)
+
+    def multistep_step(self, idx: torch.Tensor, x: torch.Tensor,
+                       model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One solver step of the multistep rows idx (their x and network outputs): (x', x0-hat); their memory is
+        updated in place of the batch's columns."""
+        assert self.solver_rows is not None and self.solver_state is not None
+        rows, state = self.solver_rows.select(idx), self.solver_state.select(idx)
+        out = multistep_update(x, model_output, multistep_coefficients(rows, state), state)
+        self.solver_state = self.solver_state.put(idx, out.state)
+        return out.prev_sample, out.pred_original_sample
 
     def _pick(self, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         return t if idx is None else t.index_select(0, idx)
@@ -159,3 +201,8 @@ class ActiveBatch:
             self.x = self.x.index_select(0, idx)
         for name in self.PER_ROW:
             setattr(self, name, getattr(self, name).index_select(0, idx))
+        if self.solver_rows is not None and self.solver_state is not None:  # a row's history leaves with it
+            if not bool(self.multistep.any()):
+                self.solver_rows = self.solver_state = None
+            else:
+                self.solver_rows, self.solver_state = self.solver_rows.select(idx), self.solver_state.select(idx)

@@ -24,7 +24,7 @@ from app.engine.tasks import Prepared, Work, prepare
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, check_folder, discover, load_model, pick_device
-from app.sampling import Direction, Plan, ScheduleError, draw, is_stochastic, sample_generators
+from app.sampling import Direction, Plan, ScheduleError, SolverPlan, draw, is_stochastic, sample_generators
 from app.startup import layouts_for, tune_process, warm_up
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,22 @@ class Engine:
         except ScheduleError as e:
             raise InvalidRequest("steps" if "steps" in str(e) else "schedule", str(e)) from e
 
+    def check_solver(self, model: LoadedModel, sampler: str, steps: int, schedule: str | None, order: int | None,
+                     eta: float, large: bool, clip: bool | None) -> tuple[SolverPlan, Plan]:
+        """A multistep sampler's plan on this model; what it cannot do (noise, clipping) is a 422 naming the field."""
+        for field, bad, why in (("eta", eta > 0, "eta > 0 (the multistep samplers are deterministic ODE solvers)"),
+                                ("variance", large, "variance 'large'"),
+                                ("clip_denoised", clip is True, "clip_denoised (diffusers' multistep schedulers "
+                                                               "never clip x0)")):
+            if bad:
+                raise InvalidRequest(field, f"{field}: {why} is for sampler 'ddim' only, not {sampler!r}")
+        if steps > self.settings.max_steps:
+            raise InvalidRequest("steps", f"steps must be at most {self.settings.max_steps} on this server")
+        try:
+            return model.solver_plan(sampler, steps, schedule or model.schedule_for(sampler), order or 2)
+        except ScheduleError as e:
+            raise InvalidRequest("steps" if "steps" in str(e) else "schedule", str(e)) from e
+
     @staticmethod
     def class_labels(model: LoadedModel, class_label: int | str | list[int | str] | None, n: int,
                      field: str = "class_label") -> torch.Tensor | None:
@@ -185,12 +201,20 @@ class Engine:
     def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str | None,
                      seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
                      endpoint: str = "generate", class_labels: torch.Tensor | None = None,
-                     guidance_scale: float = 1.0) -> tuple[SampleJob, int | None]:
+                     guidance_scale: float = 1.0, sampler: str = "ddim",
+                     solver_order: int | None = None) -> tuple[SampleJob, int | None]:
         """A validated generation job; the seed (chosen at random if None) is returned with it."""
         if large and model.kind != "vp":
             raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat) is defined for VP models only; "
                                              f"model {model.name!r} is a {model.kind} model")
-        seq = self.check_steps(model, steps, schedule)
+        solver = None
+        if sampler == "ddim":
+            if solver_order is not None:
+                raise InvalidRequest("solver_order", "solver_order is for the multistep samplers (dpmsolver++, "
+                                                     "unipc); ddim has no order to set: leave it out")
+            seq = self.check_steps(model, steps, schedule)
+        else:
+            solver, seq = self.check_solver(model, sampler, steps, schedule, solver_order, eta, large, clip)
         self._check_n(n, "n")
         stochastic = is_stochastic(eta, large)
         gens = None
@@ -203,8 +227,8 @@ class Engine:
         else:
             x_T = self.check_latents(model, x_T, n, "x_T")
         clip_denoised = model.clip_sample if clip is None else clip
-        job = SampleJob("generate", x_T, seq, eta=eta, large=large, clip_denoised=clip_denoised,
-                        generators=gens if stochastic else None, endpoint=endpoint,
+        job = SampleJob("generate", x_T, seq, eta=eta, large=large, clip_denoised=clip_denoised and solver is None,
+                        generators=gens if stochastic else None, endpoint=endpoint, solver=solver,
                         **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
         return job, seed
 

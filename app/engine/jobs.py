@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.errors import EngineError, JobCancelled, QueueFull
-from app.sampling import Direction, Plan, is_stochastic
+from app.sampling import Direction, Plan, SolverPlan, is_stochastic
 
 __all__ = ["EngineError", "JobCancelled", "JobResult", "QueueFull", "SampleJob"]
 
@@ -48,6 +48,7 @@ class SampleJob:
     tag: str = ""  # the request's id, for the log
     class_labels: torch.Tensor | None = None
     guidance_scale: float = 1.0
+    solver: SolverPlan | None = None  # a multistep sampler's plan (plan then holds its levels); None: DDIM
     # progress: called from the worker thread after each step with (steps done, x0 predictions or None); the x0
     # predictions [n, C, H, W] come every preview_every steps (0: never)
     on_progress: Callable[[int, torch.Tensor | None], None] | None = None

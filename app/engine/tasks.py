@@ -21,7 +21,7 @@ from app.engine.errors import InvalidRequest
 from app.engine.handle import Outcome, RequestHandle
 from app.engine.jobs import SampleJob
 from app.models import LoadedModel
-from app.sampling import Direction, Plan, Spacing, draw, lerp, sample_generators, slerp
+from app.sampling import Direction, Plan, SolverPlan, Spacing, draw, lerp, sample_generators, slerp
 
 __all__ = ["End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work", "prepare"]
 
@@ -44,10 +44,14 @@ class Engine(Protocol):
 
     def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str) -> torch.Tensor: ...
 
+    def check_solver(self, model: LoadedModel, sampler: str, steps: int, schedule: str | None, order: int | None,
+                     eta: float, large: bool, clip: bool | None) -> tuple[SolverPlan, Plan]: ...
+
     def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str | None,
                      seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
                      endpoint: str = "generate", class_labels: torch.Tensor | None = None,
-                     guidance_scale: float = 1.0) -> tuple[SampleJob, int | None]: ...
+                     guidance_scale: float = 1.0, sampler: str = "ddim",
+                     solver_order: int | None = None) -> tuple[SampleJob, int | None]: ...
 
     def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str | None,
                    endpoint: str = "invert", class_labels: torch.Tensor | None = None,
@@ -76,6 +80,8 @@ class _Common:
 @dataclass
 class GenerateWork(_Common):
     n: int = 1
+    sampler: str = "ddim"  # or "dpmsolver++", "unipc" (app/models/store.py SAMPLERS)
+    solver_order: int | None = None  # the multistep samplers' order, 1-3 (default 2)
     eta: float = 0.0
     variance: Literal["eta", "large"] = "eta"
     seed: int | None = None
@@ -106,6 +112,8 @@ class InterpolateWork(_Common):
     end: End = field(default_factory=End)
     frames: int = 8
     method: Literal["slerp", "lerp"] = "slerp"
+    sampler: str = "ddim"
+    solver_order: int | None = None
     task: str = field(default="interpolate", init=False)
 
 
@@ -125,7 +133,11 @@ class Prepared:
 
 
 def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": model.name, "steps": work.steps, "schedule": work.schedule or model.spacings[0]}
+    sampler = getattr(work, "sampler", "ddim")
+    out: dict[str, Any] = {"model": model.name, "steps": work.steps,
+                           "schedule": work.schedule or model.schedule_for(sampler)}
+    if not isinstance(work, InvertWork):
+        out["sampler"] = sampler
     if model.conditional:
         out["class_label"] = None if labels is None else [model.class_names[int(i)] for i in labels]
         out["guidance_scale"] = work.w
@@ -198,7 +210,8 @@ def _prepare_generate(engine: Engine, model: LoadedModel, work: GenerateWork) ->
     labels = engine.class_labels(model, work.class_label, work.n)
     job, seed = engine.generate_job(model, n=work.n, steps=work.steps, eta=work.eta, large=work.variance == "large",
                                     schedule=work.schedule, seed=work.seed, x_T=work.x_T, clip=work.clip_denoised,
-                                    class_labels=labels, guidance_scale=work.w)
+                                    class_labels=labels, guidance_scale=work.w, sampler=work.sampler,
+                                    solver_order=work.solver_order)
     job.preview_every = work.preview_every
     x_T = job.x.clone()
     fields = {**_echo(model, work, labels), "seed": seed, "n": work.n, "eta": work.eta, "variance": work.variance}
@@ -250,7 +263,15 @@ def _end_latent(engine: Engine, model: LoadedModel, end: End, field_name: str) -
 
 def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWork) -> Prepared:
     _check_n(engine, work.frames, "frames")
-    engine.check_steps(model, work.steps, work.schedule)
+    if work.sampler == "ddim":
+        engine.check_steps(model, work.steps, work.schedule)
+        if work.solver_order is not None:
+            raise InvalidRequest("solver_order", "solver_order is for the multistep samplers; leave it out for ddim")
+    else:
+        engine.check_solver(model, work.sampler, work.steps, work.schedule, work.solver_order, 0.0, False, None)
+        if work.start.image is not None or work.end.image is not None:
+            raise InvalidRequest("sampler", "image ends are inverted with DDIM, and only DDIM generates them back; "
+                                            "use sampler 'ddim' with image ends")
     labels = engine.class_labels(model, work.class_label, work.frames)
     ends = {name: (end, _end_latent(engine, model, end, name)) for name, end in (("start", work.start),
                                                                                   ("end", work.end))}
@@ -272,7 +293,7 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
         latents = torch.stack([mix(x0, x1, i / (work.frames - 1)) for i in range(work.frames)])
         job, _ = engine.generate_job(model, n=work.frames, steps=work.steps, eta=0.0, large=False,
                                      schedule=work.schedule, seed=None, x_T=latents, class_labels=labels,
-                                     guidance_scale=work.w)
+                                     guidance_scale=work.w, sampler=work.sampler, solver_order=work.solver_order)
         job.preview_every = work.preview_every
         frames = await engine.run(model, _listen(job, handle, offset), handle)
         engine.count_images(model, "interpolate", work.frames)

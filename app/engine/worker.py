@@ -184,10 +184,16 @@ class BatchWorker:
         forward = time.perf_counter() - started
         stepped = take_step(x, out, coef, prediction_type=self.model.prediction_type, clip_denoised=clip,
                             noise=noise)
-        x_next = stepped.prev_sample
+        x_next, x0 = stepped.prev_sample, stepped.pred_original_sample
+        multistep = b.multistep if idx is None else b.multistep.index_select(0, idx)
+        if bool(multistep.any()):  # DPM-Solver++ / UniPC rows: their own update, from their memory
+            sub = multistep.nonzero().squeeze(1)
+            solved, solved_x0 = b.multistep_step(sub if idx is None else idx.index_select(0, sub),
+                                                 x.index_select(0, sub), out.index_select(0, sub))
+            x_next, x0 = x_next.index_copy(0, sub, solved.to(x_next.dtype)), x0.index_copy(0, sub, solved_x0)
         bad = nonfinite_rows(x_next)
         broken = set() if bad is None else {self._row(idx, int(k)).job for k in bad.tolist()}
-        report_progress(self.batch, idx, stepped.pred_original_sample)
+        report_progress(self.batch, idx, x0)
         self._batch_size.observe(rows)
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(x))

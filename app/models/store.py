@@ -27,22 +27,28 @@ from app.models.fast import Forward, bf16_supported
 from app.models.kinds import ModelStoreError, check_folder, check_store, read_json
 from app.sampling import (
     FLOW_SPACINGS,
+    SOLVER_SPACINGS,
     SPACINGS,
     VP_PREDICTION_TYPES,
     Direction,
     PathKind,
     Plan,
     ScheduleError,
+    SolverPlan,
     alphas_cumprod_from_config,
     check_flow_config,
     flow_plan,
     flow_sigmas,
+    flow_solver_plan,
     guide,
     timestep_sequence,
     vp_plan,
+    vp_solver_plan,
 )
 
 log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddim", "dpmsolver++", "unipc")  # ddim: the generalized step of app/sampling/step.py (the default)
 
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
 PICKLE = "diffusion_pytorch_model.bin"
@@ -184,6 +190,34 @@ class LoadedModel:
         assert self.alphas_cumprod is not None
         return vp_plan(self.alphas_cumprod, timestep_sequence(steps, self.num_train_timesteps, spacing), direction)
 
+    def solver_spacings(self) -> tuple[str, ...]:
+        """The schedules a multistep sampler offers on this model; the first is its default: the spacing the
+        model's scheduler config names when the solver has it (as diffusers' from_config keeps it), else linspace
+        (the solvers' own default). A flow model has one grid, named linspace."""
+        if self.kind == "flow":
+            return ("linspace",)
+        own = self.scheduler_config.get("timestep_spacing")
+        first = own if own in SOLVER_SPACINGS else "linspace"
+        return (first, *(x for x in SOLVER_SPACINGS if x != first))
+
+    def schedule_for(self, sampler: str) -> str:
+        """The default schedule of a sampler on this model."""
+        return self.spacings[0] if sampler == "ddim" else self.solver_spacings()[0]
+
+    def solver_plan(self, sampler: str, steps: int, spacing: str, order: int) -> tuple[SolverPlan, Plan]:
+        """A multistep sampler's run on this model, as diffusers' scheduler of that sampler built from_config of the
+        model's scheduler config runs it: (its plan, the levels and timesteps the batch walks)."""
+        if spacing not in self.solver_spacings():
+            raise ScheduleError(f"schedule {spacing!r} is not offered for {sampler} on {self.kind} model "
+                                f"{self.name!r}; supported: {', '.join(self.solver_spacings())}")
+        if self.kind == "flow":
+            plan = flow_solver_plan(sampler, steps, num_train_timesteps=self.num_train_timesteps,  # type: ignore[arg-type]
+                                    shift=self.shift or 1.0, order=order)
+        else:
+            plan = vp_solver_plan(self.scheduler_config, sampler, steps, spacing, order)  # type: ignore[arg-type]
+        a, s, _ = plan.levels()
+        return plan, Plan(a, s, plan.timesteps.float())
+
     def __post_init__(self) -> None:
         self.forward = Forward(self.unet, self.device, self.dtype, channels_last=self.channels_last)
 
@@ -214,6 +248,7 @@ class LoadedModel:
         return {"name": self.name, "kind": self.kind, "image_size": [h, w], "channels": c,
                 "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
                 "shift": self.shift, "schedules": list(self.spacings),
+                "samplers": list(SAMPLERS), "solver_schedules": list(self.solver_spacings()),
                 "prediction_type": self.prediction_type, "clip_sample": self.clip_sample,
                 "conditional": self.conditional, "class_names": list(self.class_names) if self.conditional else None,
                 "null_class": self.null_class,
