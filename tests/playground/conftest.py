@@ -12,6 +12,7 @@ import pytest
 from app.models.folder import random_model_folder
 from harness.server import running_server
 from tests.conftest import LINEAR_SCHEDULER, TINY_CLASSES, TINY_UNET
+from tests.conftest import pipeline_configs
 from tests.playground.browser import chromium
 
 
@@ -21,6 +22,9 @@ def playground_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     random_model_folder(store / "tiny", TINY_UNET, LINEAR_SCHEDULER, seed=0)
     random_model_folder(store / "tiny-cond", {**TINY_UNET, "num_class_embeds": len(TINY_CLASSES) + 1},
                         LINEAR_SCHEDULER, seed=3, class_names=TINY_CLASSES)
+    # a folder that cannot load: shown as failed, never offered (issue 24)
+    pipeline_configs(store / "unsupported", "KandinskyV22Pipeline",
+                     {"unet": ("diffusers", "UNet2DConditionModel"), "scheduler": ("diffusers", "DDPMScheduler")})
     return store
 
 

@@ -148,6 +148,33 @@ def test_a_conditional_model_offers_its_classes_and_guidance(browser: Any, serve
     assert console_errors(browser) == []
 
 
+def test_a_failed_model_is_shown_not_offered(browser: Any, server: str) -> None:
+    open_page(browser, server)
+    assert by_id(browser, "server-status").text == "Ready: 2 models; 1 failed to load."
+    offered = [o.get_attribute("value") for o in by_id(browser, "model").find_elements("tag name", "option")]
+    assert offered == ["tiny", "tiny-cond"]
+    failed = by_id(browser, "failed-models").find_elements("tag name", "li")
+    assert [f.get_attribute("data-model") for f in failed] == ["unsupported"]
+    assert "KandinskyV22Pipeline" in failed[0].text and failed[0].is_displayed()
+
+
+def test_the_sampler_select_runs_a_multistep_solver(browser: Any, server: str, api: httpx.Client) -> None:
+    open_page(browser, server)
+    model = next(m for m in api.get("/models").json()["models"] if m["name"] == "tiny")
+    assert [o.text for o in by_id(browser, "sampler").find_elements("tag name", "option")] == model["samplers"]
+    choose(browser, "sampler", "dpmsolver++")
+    schedules = [o.text for o in by_id(browser, "schedule").find_elements("tag name", "option")]
+    assert schedules == ["the model's default", *model["solver_schedules"]]
+    choose(browser, "schedule", "karras")
+    for field, value in {"gen-steps": 5, "gen-seed": 2, "gen-n": 2, "gen-preview-every": 0}.items():
+        fill(browser, field, value)
+    assert run(browser, "generate").startswith("Done: 2 images")
+    body = {"model": "tiny", "sampler": "dpmsolver++", "schedule": "karras", "steps": 5, "seed": 2, "n": 2}
+    assert sources(browser, "#gen-results img") == data_urls(api.post("/generate", json=body).json()["images"])
+    choose(browser, "sampler", "ddim")
+    assert console_errors(browser) == []
+
+
 def test_cancel_stops_the_work_on_the_server(browser: Any, server: str, api: httpx.Client, shots: Path) -> None:
     from selenium.webdriver.common.keys import Keys
 

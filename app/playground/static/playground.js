@@ -2,7 +2,7 @@
 
 import { ApiError, getJSON, settings } from "./api.js";
 import { setUpGenerate, setUpInterpolate, setUpInvert } from "./tasks.js";
-import { $, el, models, showModel } from "./ui.js";
+import { $, el, models, showModel, showSchedules } from "./ui.js";
 
 async function loadModels() {
   const status = $("server-status");
@@ -63,5 +63,6 @@ function setUpTabs(runs) {
 $("api-key").addEventListener("input", (e) => { settings.apiKey = e.target.value; });
 $("api-key").addEventListener("change", loadModels);
 $("model").addEventListener("change", showModel);
+$("sampler").addEventListener("change", showSchedules);
 setUpTabs([setUpGenerate(), setUpInvert(), setUpInterpolate()]);
 loadModels();

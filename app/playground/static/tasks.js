@@ -2,7 +2,7 @@
 // reconstruction, its MSE and x_T's statistics) and interpolate (the frames, animated).
 
 import { ApiError, meanStd, parseNpy } from "./api.js";
-import { $, el, fileBase64, gridBlob, int, modelFields, png, Run } from "./ui.js";
+import { $, el, fileBase64, gridBlob, int, modelFields, png, Run, samplerFields } from "./ui.js";
 
 const fmt = (x) => Number(x).toPrecision(4);
 
@@ -13,8 +13,10 @@ export function setUpGenerate() {
   let download = null;
 
   function body() {
-    const out = { ...modelFields(), steps: int("gen-steps"), eta: Number($("gen-eta").value), n: int("gen-n"),
+    const sampler = samplerFields();
+    const out = { ...modelFields(), ...sampler, steps: int("gen-steps"), n: int("gen-n"),
       preview_every: int("gen-preview-every") || 0 };
+    if (!sampler.sampler) out.eta = Number($("gen-eta").value);  // the multistep samplers are deterministic
     if ($("gen-seed").value.trim() !== "") out.seed = Number($("gen-seed").value);
     return out;
   }
@@ -79,7 +81,7 @@ export function setUpInvert() {
 
   async function body() {
     if (!input.files.length) throw new ApiError("Choose or drop an image to invert first.");
-    return { ...modelFields(), images: [await fileBase64(input.files[0])], steps: int("inv-steps"),
+    return { ...modelFields("invert"), images: [await fileBase64(input.files[0])], steps: int("inv-steps"),
       return_reconstruction: true };
   }
 
@@ -125,7 +127,8 @@ export function setUpInterpolate() {
   }
 
   async function body() {
-    return { ...modelFields(), start: await endpoint("start"), end: await endpoint("end"), frames: int("int-frames"),
+    return { ...modelFields(), ...samplerFields(), start: await endpoint("start"), end: await endpoint("end"),
+      frames: int("int-frames"),
       steps: int("int-steps"), method: $("int-method").value };
   }
 

@@ -21,25 +21,43 @@ export function currentModel() {
   return models.find((m) => m.name === $("model").value);
 }
 
-/** Fill the schedule and class choices from the chosen model (GET /models). */
+/** Fill the sampler, schedule and class choices from the chosen model (GET /models). */
 export function showModel() {
   const model = currentModel();
   if (!model) return;
-  const schedule = $("schedule");
-  schedule.replaceChildren(el("option", { value: "" }, "the model's default"),
-    ...model.schedules.map((s) => el("option", { value: s }, s)));
+  const sampler = $("sampler");
+  const chosen = sampler.value;
+  sampler.replaceChildren(...(model.samplers || ["ddim"]).map((s) => el("option", { value: s }, s)));
+  sampler.value = (model.samplers || []).includes(chosen) ? chosen : "ddim";
+  showSchedules();
   const classes = $("class-label");
   classes.replaceChildren(el("option", { value: "" }, "none (unconditional)"),
     ...(model.class_names || []).map((name, i) => el("option", { value: String(i) }, name)));
   $("conditioning").hidden = !model.conditional;
 }
 
-/** The fields every task sends: model, schedule, and class and guidance on a conditional model. */
-export function modelFields() {
+/** The schedules of the chosen sampler: DDIM's, or those the multistep solvers define. */
+export function showSchedules() {
+  const model = currentModel();
+  if (!model) return;
+  const ddim = $("sampler").value === "ddim";
+  $("schedule").replaceChildren(el("option", { value: "" }, "the model's default"),
+    ...(ddim ? model.schedules : model.solver_schedules || []).map((s) => el("option", { value: s }, s)));
+}
+
+/** The sampler fields of the generating tasks (Generate, Interpolate): ddim's eta applies to ddim only. */
+export function samplerFields() {
+  const sampler = $("sampler").value || "ddim";
+  return sampler === "ddim" ? {} : { sampler };
+}
+
+/** The fields every task sends: model, schedule, and class and guidance on a conditional model. Invert always runs
+ * DDIM, so it sends no schedule of another sampler's. */
+export function modelFields(task = "generate") {
   const out = {};
   const model = currentModel();
   if (model) out.model = model.name;
-  if ($("schedule").value) out.schedule = $("schedule").value;
+  if ($("schedule").value && (task !== "invert" || $("sampler").value === "ddim")) out.schedule = $("schedule").value;
   if (model && model.conditional && $("class-label").value !== "") {
     out.class_label = Number($("class-label").value);
     out.guidance_scale = Number($("guidance").value);
