@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from app.sampling.multistep import MultistepState, SolverRows, multistep_coefficients, multistep_update
+from app.sampling.multistep_plans import SolverPlan
 from app.sampling.noise import draw, is_stochastic
 from app.sampling.paths import Plan, vp_plan
 from app.sampling.step import step_coefficients, take_step
@@ -50,6 +52,17 @@ def run_plan(
                                  plan.s[k + 1].expand(n), eta_t, large_t)
         x = take_step(x, out, coef, prediction_type=prediction_type, clip_denoised=clip_denoised,
                       noise=noise).prev_sample
+    return x
+
+
+def run_solver(model: EpsModel, x: torch.Tensor, plan: SolverPlan, *, progress: Progress = _quiet) -> torch.Tensor:
+    """Walk x through a multistep solver's plan (DPM-Solver++ or UniPC), as the engine's rows of that plan do."""
+    rows = SolverRows.from_plans([plan] * x.shape[0], x.device)
+    state = MultistepState.initial(x)
+    for _ in progress(range(plan.steps)):
+        out = model(x, rows.model_timesteps(state.step_index).to(x.device).float())
+        stepped = multistep_update(x, out, multistep_coefficients(rows, state), state)
+        x, state = stepped.prev_sample, stepped.state
     return x
 
 

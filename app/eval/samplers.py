@@ -1,0 +1,171 @@
+"""`ddim eval-samplers`: FID-FMNIST by S for each sampler (ddim, dpmsolver++, unipc) on the bundled models.
+
+The same seeds in every cell (image i is seed i, the seed contract); n samples per cell; the data floor is the FID
+of n random train images against the same reference (all 10,000 test images), over FLOOR_DRAWS subsets, so a
+cell's FID reads against what n real images score. ddim runs at eta = 0 with the model's own clipping and
+schedule; the multistep samplers (order 2) with their diffusers scheduler's default spacing and no clipping.
+Guided rows (the flow model) ask for class i % 10 of seed i.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from app.eval.classifier import FMNISTClassifier, embed
+from app.eval.fid import fid, gaussian_stats
+from app.models import LoadedModel
+from app.models.store import SAMPLERS
+from app.sampling import draw, sample_generators
+from app.sampling.loop import run_plan, run_solver
+from app.train.data import load_split, to_model_space
+
+FLOOR_DRAWS = 3
+
+
+@dataclass(frozen=True)
+class SamplerEvalConfig:
+    n: int = 500
+    steps: tuple[int, ...] = (5, 10, 20, 50)
+    samplers: tuple[str, ...] = SAMPLERS
+    guidance: tuple[float, ...] = ()  # class-conditional models: guided rows at these w (besides unconditional)
+    batch_size: int = 125
+
+
+@dataclass
+class SamplerResults:
+    model: str
+    fid: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (row, sampler, S)
+    floor: tuple[float, float] = (0.0, 0.0)  # mean, sd
+    seconds: float = 0.0
+
+
+def samples(model: LoadedModel, sampler: str, steps: int, n: int, batch: int, w: float | None,
+            bar: tqdm | None = None) -> torch.Tensor:
+    """n samples from seeds 0..n-1 with this sampler at S steps (w None: unconditional)."""
+    out = []
+    for first in range(0, n, batch):
+        k = min(batch, n - first)
+        x_T = draw(sample_generators(first, k), model.sample_shape).to(model.device)
+        labels = None if w is None else torch.arange(first, first + k) % 10
+        net = model.network(labels, 1.0 if w is None else w)
+        if sampler == "ddim":
+            x = run_plan(net, x_T, model.plan(steps, model.spacings[0], "generate"),
+                         prediction_type=model.prediction_type, clip_denoised=model.clip_sample)
+        else:
+            plan, _ = model.solver_plan(sampler, steps, model.schedule_for(sampler), 2)
+            x = run_solver(net, x_T, plan)
+        out.append(x.cpu())
+        if bar is not None:
+            bar.update(k * steps)
+    return torch.cat(out)
+
+
+def evaluate_samplers(model: LoadedModel, clf: FMNISTClassifier, cfg: SamplerEvalConfig,
+                      progress: bool = True) -> SamplerResults:
+    started = time.monotonic()
+    test_x = to_model_space(load_split("test")[0], 32)
+    ref = gaussian_stats(embed(clf, test_x).features)
+    train = load_split("train")[0]
+    floors = [fid(embed(clf, to_model_space(train[np.random.default_rng(2000 + k).choice(len(train), cfg.n,
+                                                                                          replace=False)], 32)
+                        ).features, ref) for k in range(FLOOR_DRAWS)]
+    r = SamplerResults(model.name, floor=(float(np.mean(floors)), float(np.std(floors))))
+    rows: list[float | None] = [None, *cfg.guidance]
+    work = cfg.n * sum(cfg.steps) * len(cfg.samplers) * sum(1 if w is None else 2 for w in rows)
+    bar = tqdm(total=work, desc=f"eval-samplers {model.name}", unit="img-step", unit_scale=True,
+               disable=not progress)
+    for w in rows:
+        for s in cfg.steps:
+            for sampler in cfg.samplers:
+                x = samples(model, sampler, s, cfg.n, cfg.batch_size, w, bar)
+                r.fid[row_label(w), sampler, s] = fid(embed(clf, x).features, ref)
+    bar.close()
+    r.seconds = time.monotonic() - started
+    return r
+
+
+def row_label(w: float | None) -> str:
+    return "unconditional" if w is None else f"guided, w = {w:g}"
+
+
+def samplers_md(results: list[SamplerResults], cfg: SamplerEvalConfig, command: str) -> str:
+    """The tables, one per model and row, and what holds of the targets."""
+    lines = ["# FID-FMNIST by sampler and S", "",
+             f"Made by `{command}` ({', '.join(f'{r.model}: {r.seconds / 60:.0f} min' for r in results)} on this "
+             f"machine's CPU). n = {cfg.n} samples per cell, seeds 0..{cfg.n - 1} in every cell (the seed contract); "
+             "lower is better. ddim: eta = 0, the model's schedule and clipping; dpmsolver++ and unipc: order 2, "
+             "their diffusers scheduler's spacing, no clipping (docs/models.md, Samplers).", ""]
+    for r in results:
+        lines += [f"## {r.model}", "", f"Data floor: {cfg.n} random train images score {r.floor[0]:.2f} "
+                  f"(sd {r.floor[1]:.2f} over {FLOOR_DRAWS} draws) against the same reference.", ""]
+        for row in dict.fromkeys(k[0] for k in r.fid):
+            lines += [f"### {row}", "", "| sampler | " + " | ".join(f"S = {s}" for s in cfg.steps) + " |",
+                      "|---" * (len(cfg.steps) + 1) + "|"]
+            for sampler in cfg.samplers:
+                cells = [r.fid.get((row, sampler, s)) for s in cfg.steps]
+                lines.append(f"| {sampler} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(r: SamplerResults) -> list[str]:
+    """The issue's target on the DDPM model, and the fastest setting that matches ddim at S = 50."""
+    out = []
+    f = r.fid
+    if ("unconditional", "dpmsolver++", 10) in f and ("unconditional", "ddim", 20) in f:
+        a, b = f["unconditional", "dpmsolver++", 10], f["unconditional", "ddim", 20]
+        out.append(f"dpmsolver++ at S = 10 ({a:.2f}) {'is at least as good as' if a <= b else 'is worse than'} "
+                   f"ddim at S = 20 ({b:.2f}) on {r.model}.")
+    if ("unconditional", "ddim", 50) in f:
+        target = f["unconditional", "ddim", 50]
+        matches = sorted((s, sampler) for (row, sampler, s), v in f.items()
+                         if row == "unconditional" and v <= target * 1.02)
+        if matches:
+            s, sampler = matches[0]
+            out.append(f"Fewest steps within 2 % of ddim's S = 50 FID ({target:.2f}) on {r.model}: {sampler} at "
+                       f"S = {s} ({f['unconditional', sampler, s]:.2f}).")
+    return out
+
+
+def write(results: list[SamplerResults], cfg: SamplerEvalConfig, command: str, out: Path) -> str:
+    text = samplers_md(results, cfg, command)
+    notes = [v for r in results for v in verdicts(r)]
+    if notes:
+        text += "## What holds\n\n" + "\n".join(f"- {v}" for v in notes) + "\n"
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m app.eval.samplers [--n N] [--out docs/quality-samplers.md]: both bundled models."""
+    import argparse
+
+    from app.eval.classifier import load_classifier
+    from app.models import load_model
+
+    p = argparse.ArgumentParser(prog="python -m app.eval.samplers", description=main.__doc__)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--steps", default="5,10,20,50")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="docs/quality-samplers.md")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    store = Path(__file__).resolve().parents[2] / "model_store"
+    clf = load_classifier()
+    steps = tuple(int(s) for s in a.steps.split(","))
+    results = []
+    for name, guidance in (("fashion-mnist", ()), ("fashion-mnist-flow", (2.0,))):
+        cfg = SamplerEvalConfig(n=a.n, steps=steps, guidance=guidance)
+        results.append(evaluate_samplers(load_model(store / name), clf, cfg))
+    command = f"python -m app.eval.samplers --n {a.n} --steps {a.steps} --threads {a.threads}"
+    print(write(results, SamplerEvalConfig(n=a.n, steps=steps), command, Path(a.out)))
+
+
+if __name__ == "__main__":
+    main()
