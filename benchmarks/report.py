@@ -9,6 +9,8 @@ from typing import Any
 from benchmarks.features import FEATURES_JSON, report_lines
 from benchmarks.format import fmt
 from benchmarks.ray_bench import report_lines as ray_lines
+from benchmarks.solvers import SOLVERS_JSON
+from benchmarks.solvers import report_lines as solver_lines
 
 NOTES = """## How to read these numbers
 
@@ -264,7 +266,8 @@ def write_report(results: dict[str, Any], out: Path, studies: list[str] | None =
         lines += _quality(results["quality"], results.get("quality_from"))
     for r in results["models"]:
         lines += _model(r)
-    lines += [*report_lines(FEATURES_JSON), *ray_lines(), *(studies or []), NOTES, CUDA_NOTE]
+    lines += [*report_lines(FEATURES_JSON), *solver_lines(SOLVERS_JSON), *ray_lines(), *(studies or []), NOTES,
+              CUDA_NOTE]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
 
