@@ -22,7 +22,19 @@ from app.sampling.multistep_plans import (
     vp_solver_plan,
 )
 from app.sampling.noise import draw, is_stochastic, sample_generators
-from app.sampling.paths import PATH_KINDS, Direction, PathKind, Plan, flow_levels, flow_plan, vp_levels, vp_plan
+from app.sampling.paths import (
+    PATH_KINDS,
+    Direction,
+    PathKind,
+    Plan,
+    first_steps,
+    flow_levels,
+    flow_plan,
+    last_steps,
+    strength_steps,
+    vp_levels,
+    vp_plan,
+)
 from app.sampling.schedules import (
     FLOW_SPACINGS,
     SPACINGS,
@@ -90,6 +102,7 @@ __all__ = [
     "ddim_step",
     "diffusers_overrides",
     "draw",
+    "first_steps",
     "flow_levels",
     "flow_plan",
     "flow_sigmas",
@@ -98,6 +111,7 @@ __all__ = [
     "guide",
     "invert_step",
     "is_stochastic",
+    "last_steps",
     "lerp",
     "multistep_coefficients",
     "multistep_update",
@@ -108,6 +122,7 @@ __all__ = [
     "slerp",
     "solver_levels",
     "step_coefficients",
+    "strength_steps",
     "take_step",
     "timestep_sequence",
     "vp_levels",

@@ -73,3 +73,22 @@ def flow_plan(sigmas: torch.Tensor, num_train_timesteps: int, direction: Directi
     levels = sigmas.double() if direction == "generate" else sigmas.double().flip(0)
     a, s = flow_levels(levels)
     return Plan(a, s, (levels[:-1] * num_train_timesteps).float())
+
+
+def strength_steps(steps: int, strength: float) -> int:
+    """k, the steps of an S-step plan that a partial trip (SDEdit, img2img, /edit) runs: diffusers' img2img
+    init_timestep = min(int(S * strength), S)."""
+    return min(int(steps * strength), steps)
+
+
+def last_steps(plan: Plan, k: int) -> Plan:
+    """The last k steps of a generation plan: from its level S - k (t_k) down to its end (img2img's timesteps
+    [S - k:], as diffusers' get_timesteps gives them)."""
+    start = plan.steps - k
+    return Plan(plan.a[start:], plan.s[start:], plan.model_t[start:])
+
+
+def first_steps(plan: Plan, k: int) -> Plan:
+    """The first k steps of an inversion plan: from the clean end up to level t_k, the level last_steps of the
+    same S-step generation plan starts from."""
+    return Plan(plan.a[:k + 1], plan.s[:k + 1], plan.model_t[:k])
