@@ -1,4 +1,4 @@
-"""The `ddim` command: sample, invert, train, export, eval.
+"""The `ddim` command: sample, invert, train, export, eval, layouts.
 
 Errors are one line on stderr, `ddim: error: ...`, and no traceback: exit status 2 for a usage error (argparse's
 own, a bad flag value, an unknown model or class), 1 for a failure (a file that cannot be read or written, a model
@@ -15,6 +15,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -39,14 +40,14 @@ def _load(settings, folder: Path):  # (Settings, Path) -> LoadedModel
 
     from app.models import ModelStoreError, load_model, pick_device
     from app.sampling import ScheduleError
-    from app.startup import layouts_for, tune_process
+    from app.startup import tune_process
 
     tune_process(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
     try:
-        [channels_last] = layouts_for([folder], device, settings)
+        channels_last = _layout(folder, device, settings)
         model = load_model(folder, device=device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
                            channels_last=channels_last)
     except (ModelStoreError, ScheduleError, OSError) as e:
@@ -59,6 +60,22 @@ def _load(settings, folder: Path):  # (Settings, Path) -> LoadedModel
 def _announce(model) -> None:  # model: LoadedModel, once the flags are known to suit it
     log.info("model %s on %s (%s, channels_last=%s)", model.name, model.device,
              str(model.dtype).removeprefix("torch."), model.forward.channels_last)
+
+
+def _layout(folder: Path, device, settings) -> bool:  # device: torch.device, settings: Settings
+    """layouts_for as a CLI uses it: the kept choice, even a provisional one (a server's next start times that
+    again), so that the CLI runs the layout the servers started with; timed first, with a notice, where none is
+    kept (seconds, or a minute on a busy CPU)."""
+    from app.startup.layout import kept_layouts, layouts_for, needs_timing
+
+    if settings.channels_last == "auto" and settings.warmup:
+        try:
+            if needs_timing(kept_layouts([folder], device, settings)[0], retime_provisional=False):
+                log.info("timing the memory layouts of %s first ('ddim layouts' shows the result)", folder.name)
+        except OSError:
+            pass  # layouts_for says why it cannot keep a choice
+    [channels_last] = layouts_for([folder], device, settings, retime_provisional=False)
+    return channels_last
 
 
 def _plan(model, args: argparse.Namespace, direction: str):  # -> Plan
@@ -161,6 +178,63 @@ def cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layouts(args: argparse.Namespace) -> int:
+    """The table of kept layout choices for this machine and these DDIM_* settings; --retime times them first."""
+    import torch
+
+    from app.config import Settings
+    from app.models import discover, pick_device
+    from app.startup.layout import kept_layouts, layout_key, retime_layouts
+
+    settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
+    store = settings.model_store
+    folders = [model_folder(store, name, name) for name in args.model or discover(store)]
+    if not folders:
+        raise CliError(f"no models in {store}")
+    device = pick_device(settings.device)
+    entries: list[dict[str, Any] | None]
+    if args.retime:
+        print(f"timing both layouts of {', '.join(f.name for f in folders)} ...", file=sys.stderr, flush=True)
+        timed = retime_layouts(folders, device, settings)
+        if timed is None:
+            raise CliError("the layouts could not be timed (the warning above says why); nothing was changed")
+        entries = list(timed)
+    else:
+        entries = kept_layouts(folders, device, settings)
+    threads = settings.threads or torch.get_num_threads()
+    context = layout_key(folders[0], device, settings.dtype, threads, settings.max_batch_size,
+                         settings.allow_pickle).split(" | ", 1)[1]
+    print(f"{settings.layout_cache}: {context}")
+    rows: list[tuple[str, ...]] = [("model", "layout", "contiguous ms", "channels_last ms", "cl/contiguous",
+                                    "others' load", "spread", "timed at")]
+    for folder, e in zip(folders, entries):
+        rows.append((folder.name, *_layout_row(e)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for folder, e in zip(folders, entries):
+        if e and e.get("reason"):
+            print(f"{folder.name}: {e['reason']}")
+    if settings.channels_last != "auto":
+        print(f"DDIM_CHANNELS_LAST={str(settings.channels_last).lower()}: servers and the CLI run that layout; "
+              "this table is used only under auto")
+    return 0
+
+
+def _layout_row(e: dict[str, Any] | None) -> tuple[str, ...]:
+    if e is None:
+        return ("not timed: the next start times it",) + ("",) * 6
+    layout = "channels_last" if e["channels_last"] else "contiguous"
+    if e.get("provisional", True):
+        layout += " (provisional)"
+    rounds = e.get("rounds_ms") or {k: [v] for k, v in e["ms"].items()}
+    ratios = [c / d for c, d in zip(rounds["channels_last"], rounds["contiguous"])]
+    load, spread = e.get("others_load"), e.get("spread")
+    return (layout, f"{e['ms']['contiguous']:.1f}", f"{e['ms']['channels_last']:.1f}",
+            f"{min(ratios):.2f}-{max(ratios):.2f}", "?" if load is None else f"{load:.0%}",
+            "?" if spread is None else f"{spread:.0%}", e.get("timed_at", "?"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from app.sampling.schedules import SPACINGS
 
@@ -204,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="xT.npy")
 
     add_commands(command)
+
+    v = command("layouts", cmd_layouts, "the memory layout kept for each model (DDIM_CHANNELS_LAST=auto); "
+                "--retime times them again")
+    v.add_argument("--model", action="append", help="this model only (repeatable; default: every model of the store)")
+    v.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
+    v.add_argument("--retime", action="store_true", help="time both layouts now and keep the result")
     return p
 
 

@@ -62,6 +62,7 @@ def test_usage_errors_exit_2_in_one_line(tiny_store: Path, tmp_path: Path) -> No
         (["eval", *store, "--model", "nope"], "no model 'nope'"),
         (["eval", *store, "--model", "tiny", "--steps", "10,x"], "argument --steps: not an integer: 'x'"),
         (["train", "--lr", "-1"], "argument --lr: must be above 0"),
+        (["layouts", *store, "--model", "nope"], "no model 'nope'"),
     ]
     for args, needle in cases:
         assert_one_line(ddim(*args), 2, needle)
