@@ -3,35 +3,48 @@ PYTHON ?= python3
 # extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" where the
 # default index would give a CUDA build
 TORCH_PIP_ARGS ?=
-# the package's extras: dev by default; CI adds ray (EXTRAS=dev,ray) so that the Ray Serve tests run
+# the package's extras for test, lint, bench, fuzz and soak: dev by default; CI adds ray (EXTRAS=dev,ray) so that the
+# Ray Serve tests run. `make serve` installs the package alone (no extras): what serving needs, not the dev tools.
 EXTRAS ?= dev
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
+# one stamp for the package alone, one for each set of extras installed on top of it
+BASE_STAMP = $(VENV)/.installed
+STAMP      = $(if $(EXTRAS),$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)),$(BASE_STAMP))
 
 .PHONY: install serve test bench bench-ray lint clean fuzz soak
 
 # The first run downloads torch and the dependencies (pip shows each download); later runs skip this.
-$(STAMP): pyproject.toml
+$(BASE_STAMP): pyproject.toml
 	@echo "==> [1/4] creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	@echo "==> [2/4] upgrading pip"
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "==> [3/4] installing torch==2.13.0 first, so that nothing pulls another build (a large download: minutes)"
 	$(BIN)/pip install --progress-bar on $(TORCH_PIP_ARGS) torch==2.13.0
-	@echo "==> [4/4] installing ddim-serve and its dependencies"
+	@echo "==> [4/4] installing ddim-serve and what serving needs"
+	$(BIN)/pip install --progress-bar on -e .
+	touch $(BASE_STAMP)
+	@echo "==> installed; 'make serve' starts at once from now on"
+
+ifneq ($(EXTRAS),)
+$(STAMP): $(BASE_STAMP)
+	@echo "==> installing the extras [$(EXTRAS)] (the test, lint and bench tools)"
 	$(BIN)/pip install --progress-bar on -e '.[$(EXTRAS)]'
 	@# CLIP's BPE file for the tests' tiny pipelines (harness/pipelines.py); no deps: its torchvision would replace torch
 	$(BIN)/pip install --progress-bar on --no-deps open_clip_torch
 	touch $(STAMP)
-	@echo "==> installed; 'make serve' and 'make test' start at once from now on"
+	@echo "==> installed [$(EXTRAS)]; 'make test' starts at once from now on"
+endif
 
 install: $(STAMP)
 
-serve: $(STAMP)
-	@echo "==> starting ddim-serve on http://127.0.0.1:8000 (it holds this terminal: Ctrl-C stops it);"
-	@echo "    ready when http://127.0.0.1:8000/readyz answers 200 (the log line 'model ... ready')"
+# the banner's address is the server's: its Settings, read from DDIM_HOST and DDIM_PORT as the server reads them
+serve: $(BASE_STAMP)
+	@url=$$($(BIN)/python -c 'from app.config import Settings; s = Settings(); print(f"http://{s.host}:{s.port}")') \
+	&& echo "==> starting ddim-serve on $$url (it holds this terminal: Ctrl-C stops it);" \
+	&& echo "    ready when $$url/readyz answers 200 (the log line 'model ... ready')"
 	$(BIN)/ddim-serve
 
 # -rs lists every skipped test with its reason

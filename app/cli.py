@@ -1,4 +1,10 @@
-"""The `ddim` command: sample, invert, train, export, eval."""
+"""The `ddim` command: sample, invert, train, export, eval, layouts.
+
+Errors are one line on stderr, `ddim: error: ...`, and no traceback: exit status 2 for a usage error (argparse's
+own, a bad flag value, an unknown model or class), 1 for a failure (a file that cannot be read or written, a model
+folder that cannot load, a failure while running). An unexpected exception is one line too, with a hint; --debug
+(or DDIM_DEBUG=1) shows its traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +12,80 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
+
+from app.cli_args import COUNT, FAILURE, NON_NEGATIVE, SHARE, USAGE, CliError, Parser, model_folder, number
+from app.cli_train import add_commands
 
 log = logging.getLogger("ddim")
 
 
-def _default_workdir(name: str) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "ddim-serve" / "train" / name
-
-
-def _load(args: argparse.Namespace):  # -> LoadedModel
-    """The model as the server loads it (DDIM_* settings: device, dtype, threads, the memory layout), so that the
-    same seeds give the same numbers here and from the server."""
-    import torch
-
+def _resolve(args: argparse.Namespace):  # -> tuple[Settings, Path]
+    """The DDIM_* settings (with --model-store) and the folder of the model the flags name, a usage error if none."""
     from app.config import Settings
-    from app.models import discover, load_model, pick_device
-    from app.startup import layouts_for, tune_process
 
     settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
+    return settings, model_folder(settings.model_store, args.model, settings.default_model)
+
+
+def _load(settings, folder: Path):  # (Settings, Path) -> LoadedModel
+    """The model as the server loads it (DDIM_* settings: device, dtype, threads, the memory layout), so that the
+    same seeds give the same numbers here and from the server. Only this model's folder is read."""
+    import torch
+
+    from app.models import ModelStoreError, load_model, pick_device
+    from app.sampling import ScheduleError
+    from app.startup import tune_process
+
     tune_process(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    name = args.model or settings.default_model
-    names = discover(settings.model_store)
-    if args.model is None and name not in names and names:
-        name = names[0]
-    if name not in names:
-        raise SystemExit(f"ddim: no model {name!r} in {settings.model_store} (found: {', '.join(names) or 'none'})")
     device = pick_device(settings.device)
-    [channels_last] = layouts_for([settings.model_store / name], device, settings)
-    model = load_model(settings.model_store / name, device=device, dtype=settings.dtype,
-                       allow_pickle=settings.allow_pickle, channels_last=channels_last)
-    log.info("model %s on %s (%s, channels_last=%s)", name, device, str(model.dtype).removeprefix("torch."),
-             channels_last)
+    try:
+        channels_last = _layout(folder, device, settings)
+        model = load_model(folder, device=device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
+                           channels_last=channels_last)
+    except (ModelStoreError, ScheduleError, OSError) as e:
+        raise CliError(f"cannot load model {folder.name!r}: {e}") from e
+    except Exception as e:  # what a library makes of a config it cannot build (--debug shows where)
+        raise CliError(f"cannot load model {folder.name!r}: {type(e).__name__}: {e}") from e
     return model
+
+
+def _announce(model) -> None:  # model: LoadedModel, once the flags are known to suit it
+    log.info("model %s on %s (%s, channels_last=%s)", model.name, model.device,
+             str(model.dtype).removeprefix("torch."), model.forward.channels_last)
+
+
+def _layout(folder: Path, device, settings) -> bool:  # device: torch.device, settings: Settings
+    """layouts_for as a CLI uses it: the kept choice, even a provisional one (a server's next start times that
+    again), so that the CLI runs the layout the servers started with; timed first, with a notice, where none is
+    kept (seconds, or a minute on a busy CPU)."""
+    from app.startup.layout import kept_layouts, layouts_for, needs_timing
+
+    if settings.channels_last == "auto" and settings.warmup:
+        try:
+            if needs_timing(kept_layouts([folder], device, settings)[0], retime_provisional=False):
+                log.info("timing the memory layouts of %s first ('ddim layouts' shows the result)", folder.name)
+        except OSError:
+            pass  # layouts_for says why it cannot keep a choice
+    [channels_last] = layouts_for([folder], device, settings, retime_provisional=False)
+    return channels_last
+
+
+def _plan(model, args: argparse.Namespace, direction: str):  # -> Plan
+    """The model's levels for --steps and --schedule; a usage error where this model cannot have them."""
+    from app.sampling import ScheduleError
+
+    try:
+        return model.plan(args.steps, args.schedule or model.spacings[0], direction)
+    except ScheduleError as e:
+        raise CliError(str(e), USAGE) from e
 
 
 def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
@@ -51,15 +93,44 @@ def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
     import torch
 
     if args.class_label is None:
+        if args.guidance_scale != 1.0:  # as the server: a value that cannot act is an error, not a no-op
+            raise CliError("--guidance-scale needs --class-label (without one the samples are unconditional and w "
+                           "has no effect)", USAGE)
         return model.eps
     if not model.conditional:
-        raise SystemExit(f"ddim: error: model {model.name!r} is not class-conditional; leave out --class-label")
+        raise CliError(f"model {model.name!r} is not class-conditional; leave out --class-label", USAGE)
     names = {c.lower(): i for i, c in enumerate(model.class_names)}
     label = args.class_label.strip().lower()
     if label not in names and not (label.isdigit() and int(label) < len(names)):
-        raise SystemExit(f"ddim: error: unknown class {args.class_label!r}; valid: {', '.join(model.class_names)}")
+        raise CliError(f"unknown class {args.class_label!r}; valid: {', '.join(model.class_names)}", USAGE)
     y = torch.full((n,), names[label] if label in names else int(label), dtype=torch.long)
     return model.network(y, args.guidance_scale)
+
+
+def _writable(*paths: str | None) -> None:
+    """Fail before any work where an output's folder is missing."""
+    for path in paths:
+        if path and not Path(path).resolve().parent.is_dir():
+            raise CliError(f"cannot write {path}: no folder {Path(path).parent}")
+
+
+def _read_images(paths: list[str]) -> list:  # -> list[PIL.Image.Image]
+    """Each file decoded (before the model loads, so that a wrong file fails at once)."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            image = Image.open(path)
+            image.load()
+        except UnidentifiedImageError:
+            raise CliError(f"{path}: not an image this command reads (PNG, JPEG, ...)") from None
+        except OSError as e:
+            raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+        except Image.DecompressionBombError as e:
+            raise CliError(f"{path}: {e}") from None
+        images.append(image)
+    return images
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -67,14 +138,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from app.sampling import draw, sample_generators
     from app.sampling.loop import run_plan
 
-    model = _load(args)
+    settings, folder = _resolve(args)
+    _writable(args.out, args.latents_out)
+    model = _load(settings, folder)
     if args.variance == "large" and model.kind != "vp":
-        raise SystemExit(f"ddim: error: --variance large is for VP models only; {model.name!r} is a {model.kind} model")
+        raise CliError(f"--variance large is for VP models only; {model.name!r} is a {model.kind} model", USAGE)
+    plan = _plan(model, args, "generate")
+    network = _network(model, args, args.n)
+    _announce(model)
     gens = sample_generators(args.seed, args.n)
     x_T = draw(gens, model.sample_shape).to(model.device)
-    plan = model.plan(args.steps, args.schedule or model.spacings[0], "generate")
     clip = model.clip_sample if args.clip is None else args.clip
-    x0 = run_plan(_network(model, args, args.n), x_T, plan, eta=args.eta, large=args.variance == "large",
+    x0 = run_plan(network, x_T, plan, eta=args.eta, large=args.variance == "large",
                   prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
                   progress=lambda steps: tqdm(steps, desc="sample", leave=False))
     images = pil_images(x0)
@@ -87,211 +162,131 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_invert(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from app.images import npy_bytes, to_model_space
     from app.sampling.loop import run_plan
 
-    model = _load(args)
-    x0 = torch.stack([to_model_space(Image.open(p), model.sample_shape) for p in args.images])
-    plan = model.plan(args.steps, args.schedule or model.spacings[0], "invert")
-    x_T = run_plan(_network(model, args, len(x0)), x0.to(model.device), plan, prediction_type=model.prediction_type,
+    settings, folder = _resolve(args)
+    _writable(args.out)
+    images = _read_images(args.images)
+    model = _load(settings, folder)
+    plan = _plan(model, args, "invert")
+    network = _network(model, args, len(images))
+    _announce(model)
+    x0 = torch.stack([to_model_space(image, model.sample_shape) for image in images])
+    x_T = run_plan(network, x0.to(model.device), plan, prediction_type=model.prediction_type,
                    progress=lambda steps: tqdm(steps, desc="invert", leave=False))
     Path(args.out).write_bytes(npy_bytes(x_T))
     print(f"wrote x_T of shape {tuple(x_T.shape)} to {args.out}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from app.train.data import CLASSES
-    from app.train.ddpm import TrainConfig, export, train
-
-    conditional = args.conditional if args.conditional is not None else args.objective == "flow"
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      threads=args.threads, objective=args.objective,
-                      num_classes=len(CLASSES) if conditional else 0, class_dropout=args.class_dropout,
-                      class_names=[c.lower() for c in CLASSES] if conditional else [])
-    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.name)
-    train(cfg, workdir, max_minutes=args.max_minutes,
-          init_from=Path(args.init_from) if args.init_from else None)
-    if args.export:
-        info = export(workdir, Path(args.export))
-        print(f"exported {info} to {args.export}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from app.train.ddpm import export
-
-    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.name)
-    info = export(workdir, Path(args.out))
-    print(f"exported {info} to {args.out}")
-    return 0
-
-
-def cmd_train_classifier(args: argparse.Namespace) -> int:
+def cmd_layouts(args: argparse.Namespace) -> int:
+    """The table of kept layout choices for this machine and these DDIM_* settings; --retime times them first."""
     import torch
 
-    from app.eval.classifier import ClassifierTraining, train_classifier
+    from app.config import Settings
+    from app.models import discover, pick_device
+    from app.startup.layout import kept_layouts, layout_key, retime_layouts
 
-    torch.set_num_threads(args.threads)
-    cfg = ClassifierTraining(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    info = train_classifier(cfg, Path(args.out))
-    print(f"classifier: test accuracy {info['test_accuracy']:.2%}, {info['wall_seconds']:.0f} s, "
-          f"{int(info['parameters']):,} parameters -> {args.out}")
+    settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
+    store = settings.model_store
+    folders = [model_folder(store, name, name) for name in args.model or discover(store)]
+    if not folders:
+        raise CliError(f"no models in {store}")
+    device = pick_device(settings.device)
+    entries: list[dict[str, Any] | None]
+    if args.retime:
+        print(f"timing both layouts of {', '.join(f.name for f in folders)} ...", file=sys.stderr, flush=True)
+        timed = retime_layouts(folders, device, settings)
+        if timed is None:
+            raise CliError("the layouts could not be timed (the warning above says why); nothing was changed")
+        entries = list(timed)
+    else:
+        entries = kept_layouts(folders, device, settings)
+    threads = settings.threads or torch.get_num_threads()
+    context = layout_key(folders[0], device, settings.dtype, threads, settings.max_batch_size,
+                         settings.allow_pickle).split(" | ", 1)[1]
+    print(f"{settings.layout_cache}: {context}")
+    rows: list[tuple[str, ...]] = [("model", "layout", "contiguous ms", "channels_last ms", "cl/contiguous",
+                                    "others' load", "spread", "timed at")]
+    for folder, e in zip(folders, entries):
+        rows.append((folder.name, *_layout_row(e)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for folder, e in zip(folders, entries):
+        if e and e.get("reason"):
+            print(f"{folder.name}: {e['reason']}")
+    if settings.channels_last != "auto":
+        print(f"DDIM_CHANNELS_LAST={str(settings.channels_last).lower()}: servers and the CLI run that layout; "
+              "this table is used only under auto")
     return 0
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from app.eval.quality import EvalConfig
-    from app.eval.run import EvalPaths, run_eval
-
-    torch.set_num_threads(args.threads)
-    store = Path(args.model_store or os.environ.get("DDIM_MODEL_STORE", "model_store"))
-    cfg = EvalConfig(n=args.n, n_long=args.n_long, n_recon=args.n_recon, n_balance=args.n_balance,
-                     batch_size=args.batch_size, steps=_ints(args.steps), long_steps=_ints(args.long_steps),
-                     recon_steps=_ints(args.recon_steps))
-    paths = EvalPaths(model_dir=store / args.model, out=Path(args.out),
-                      cache=Path(args.cache) if args.cache else None, card=args.card, device=args.device)
-    try:
-        run_eval(paths, cfg, args.threads)
-    except ValueError as e:  # a model the Fashion-MNIST evaluator cannot read
-        raise SystemExit(f"ddim: error: {e}") from e
-    except KeyboardInterrupt:
-        print("ddim eval: interrupted; finished batches are cached, run the same command to resume", file=sys.stderr)
-        return 130
-    print(f"wrote {args.out}" + (f" and {paths.model_dir / 'README.md'}" if args.card else ""))
-    return 0
-
-
-def cmd_eval_flow(args: argparse.Namespace) -> int:
-    import torch
-
-    from app.eval.classifier import load_classifier
-    from app.eval.flow import FlowEvalConfig, evaluate_flow, flow_md, model_card
-    from app.models import load_model, pick_device
-
-    torch.set_num_threads(args.threads)
-    store = Path(args.model_store or os.environ.get("DDIM_MODEL_STORE", "model_store"))
-    device = pick_device(args.device)
-    flow, ddpm = (load_model(store / name, device=device) for name in (args.model, args.baseline))
-    cfg = FlowEvalConfig(n=args.n, steps=_ints(args.steps), n_recon=args.n_recon, recon_steps=_ints(args.steps))
-    results = evaluate_flow(flow, ddpm, load_classifier(), cfg)
-    command = (f"ddim eval-flow --model {args.model} --baseline {args.baseline} --n {args.n} --steps {args.steps} "
-               f"--n-recon {args.n_recon} --threads {args.threads} --out {args.out}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    report = flow_md(results, cfg, flow, ddpm, command)
-    Path(args.out).write_text(report)
-    (store / args.model / "README.md").write_text(model_card(store / args.model, report))
-    print(f"wrote {args.out} and {store / args.model / 'README.md'}")
-    return 0
+def _layout_row(e: dict[str, Any] | None) -> tuple[str, ...]:
+    if e is None:
+        return ("not timed: the next start times it",) + ("",) * 6
+    layout = "channels_last" if e["channels_last"] else "contiguous"
+    if e.get("provisional", True):
+        layout += " (provisional)"
+    rounds = e.get("rounds_ms") or {k: [v] for k, v in e["ms"].items()}
+    ratios = [c / d for c, d in zip(rounds["channels_last"], rounds["contiguous"])]
+    load, spread = e.get("others_load"), e.get("spread")
+    return (layout, f"{e['ms']['contiguous']:.1f}", f"{e['ms']['channels_last']:.1f}",
+            f"{min(ratios):.2f}-{max(ratios):.2f}", "?" if load is None else f"{load:.0%}",
+            "?" if spread is None else f"{spread:.0%}", e.get("timed_at", "?"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from app.sampling.schedules import SPACINGS
 
-    p = argparse.ArgumentParser(prog="ddim", description=__doc__)
+    p = Parser(prog="ddim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    common = Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log what loading and timing do")
+    common.add_argument("--debug", action="store_true",
+                        help="show the traceback of an unexpected error (also DDIM_DEBUG=1); implies --verbose")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help, parents=[common])
+        q.set_defaults(func=func)
+        return q
 
     def model_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--model", help="model folder name (default: the store's default model)")
         q.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
-        q.add_argument("--steps", type=int, default=50, help="S, the number of sampling steps")
+        q.add_argument("--steps", type=COUNT, default=50, help="S, the number of sampling steps")
         q.add_argument("--schedule", choices=SPACINGS,
                        help="timestep spacing (default: the model's: uniform on VP models, linspace on flow models)")
         q.add_argument("--class-label", help="class-conditional models: a class name or index (default: none, "
                        "unconditional)")
-        q.add_argument("--guidance-scale", type=float, default=1.0,
+        q.add_argument("--guidance-scale", type=number(float, 0.0, 20.0), default=1.0,
                        help="classifier-free guidance w (1: plain conditional, 0: unconditional)")
 
-    s = sub.add_parser("sample", help="generate a PNG (a grid when n > 1)")
+    s = command("sample", cmd_sample, "generate a PNG (a grid when n > 1)")
     model_args(s)
-    s.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM")
+    s.add_argument("--eta", type=SHARE, default=0.0, help="0 = DDIM, 1 = DDPM")
     s.add_argument("--variance", choices=["eta", "large"], default="eta")
-    s.add_argument("-n", type=int, default=16, help="number of images")
-    s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    s.add_argument("-n", type=COUNT, default=16, help="number of images")
+    s.add_argument("--seed", type=NON_NEGATIVE, default=0, help="image i uses seed + i")
     s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clip predicted x0 to [-1, 1] (default: the model's clip_sample)")
     s.add_argument("--out", default="grid.png")
     s.add_argument("--latents-out", help="also write the final samples x0 as .npy")
-    s.set_defaults(func=cmd_sample)
 
-    i = sub.add_parser("invert", help="DDIM-invert images to x_T (.npy)")
+    i = command("invert", cmd_invert, "DDIM-invert images to x_T (.npy)")
     model_args(i)
     i.add_argument("images", nargs="+")
     i.add_argument("--out", default="xT.npy")
-    i.set_defaults(func=cmd_invert)
 
-    t = sub.add_parser("train", help="train a Fashion-MNIST model (resumes from its checkpoint)")
-    t.add_argument("--name", default="fashion-mnist", help="names the checkpoint folder")
-    t.add_argument("--objective", choices=["epsilon", "flow"], default="epsilon",
-                   help="epsilon: DDPM's L_simple; flow: rectified flow (v = eps - x0)")
-    t.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
-                   help="class-conditional with label dropout (default: on for flow, off for epsilon)")
-    t.add_argument("--class-dropout", type=float, default=0.1, help="share of null labels in training")
-    t.add_argument("--workdir", help="checkpoint folder (default ~/.cache/ddim-serve/train/NAME)")
-    t.add_argument("--steps", type=int, default=8000, help="total optimiser steps")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=4e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    t.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
-    t.add_argument("--export", metavar="DIR", help="export the EMA weights to DIR when done")
-    t.add_argument("--init-from", metavar="DIR",
-                   help="without a checkpoint in the workdir, start from this model folder's weights and step")
-    t.set_defaults(func=cmd_train)
+    add_commands(command)
 
-    e = sub.add_parser("export", help="export a training checkpoint's EMA weights as a model folder")
-    e.add_argument("--name", default="fashion-mnist")
-    e.add_argument("--workdir")
-    e.add_argument("--out", default="model_store/fashion-mnist")
-    e.set_defaults(func=cmd_export)
-
-    c = sub.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier of FID-FMNIST")
-    c.add_argument("--out", default="app/eval/weights/fmnist_classifier.safetensors")
-    c.add_argument("--epochs", type=int, default=8)
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threads", type=int, default=1, help="torch threads (1 makes the run deterministic)")
-    c.set_defaults(func=cmd_train_classifier)
-
-    q = sub.add_parser("eval", help="Table 1 (FID-FMNIST) and Table 2 (reconstruction) of the DDIM paper; resumable")
-    q.add_argument("--model", default="fashion-mnist", help="model folder name")
-    q.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
-    q.add_argument("--n", type=int, default=400, help="samples per Table 1 cell for the short S")
-    q.add_argument("--n-long", type=int, default=64, help="samples per cell for the long S (1000)")
-    q.add_argument("--n-recon", type=int, default=32, help="test images per Table 2 cell")
-    q.add_argument("--n-balance", type=int, default=500, help="samples of the class-balance check")
-    q.add_argument("--steps", default="10,20,50,100", help="Table 1's S, all five rows")
-    q.add_argument("--long-steps", default="1000", help="Table 1's long S (eta = 0 and sigma-hat only)")
-    q.add_argument("--recon-steps", default="10,20,50,100,200,500,1000", help="Table 2's S")
-    q.add_argument("--batch-size", type=int, default=128)
-    q.add_argument("--threads", type=int, default=1, help="torch threads")
-    q.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto, for the eps-model")
-    q.add_argument("--out", default="docs/quality.md", help="the report; pictures go to its folder's img/")
-    q.add_argument("--cache", help="resume file (default ~/.cache/ddim-serve/eval/MODEL.json)")
-    q.add_argument("--card", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the model card MODEL_STORE/MODEL/README.md")
-    q.set_defaults(func=cmd_eval)
-
-    f = sub.add_parser("eval-flow", help="the flow model beside the DDPM model: FID by S, guided, class agreement, "
-                       "inversion error")
-    f.add_argument("--model", default="fashion-mnist-flow")
-    f.add_argument("--baseline", default="fashion-mnist")
-    f.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
-    f.add_argument("--n", type=int, default=200, help="samples per cell")
-    f.add_argument("--n-recon", type=int, default=32, help="test images per reconstruction cell")
-    f.add_argument("--steps", default="5,10,20,50,100")
-    f.add_argument("--threads", type=int, default=1)
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--out", default="docs/quality-flow.md")
-    f.set_defaults(func=cmd_eval_flow)
+    v = command("layouts", cmd_layouts, "the memory layout kept for each model (DDIM_CHANNELS_LAST=auto); "
+                "--retime times them again")
+    v.add_argument("--model", action="append", help="this model only (repeatable; default: every model of the store)")
+    v.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
+    v.add_argument("--retime", action="store_true", help="time both layouts now and keep the result")
     return p
 
 
@@ -299,15 +294,40 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app import logs
 
-    logs.setup(json_lines=False)  # plain lines; libraries' warnings go through them too
+    debug = args.debug or os.environ.get("DDIM_DEBUG", "") not in ("", "0")
+    # plain lines, libraries' warnings through them too: the commands' own messages and warnings, and with
+    # --verbose also what loading a model and timing its layouts do
+    logs.setup(json_lines=False, level=logging.INFO if args.verbose or debug else logging.WARNING)
+    for name in ("ddim", "app.train", "app.eval"):
+        logging.getLogger(name).setLevel(logging.INFO)
     from app.models import ModelStoreError
     from app.sampling import ScheduleError
 
     try:
         return int(args.func(args) or 0)
-    except (ModelStoreError, ScheduleError, FileNotFoundError) as e:
-        print(f"ddim: error: {e}", file=sys.stderr)
-        return 2
+    except CliError as e:
+        if debug and e.__cause__ is not None:
+            traceback.print_exception(e.__cause__)
+        return _fail(str(e), e.status)
+    except ScheduleError as e:  # a flag value the model cannot have
+        return _fail(str(e), USAGE)
+    except ModelStoreError as e:
+        return _fail(str(e), FAILURE)
+    except OSError as e:
+        return _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), FAILURE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+            return FAILURE
+        return _fail(f"{type(e).__name__}: {e} (unexpected: run it again with --debug, or DDIM_DEBUG=1, for the "
+                     "traceback)", FAILURE)
+
+
+def _fail(message: str, status: int) -> int:
+    print("ddim: error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever the message
+    return status
 
 
 if __name__ == "__main__":

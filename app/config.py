@@ -23,12 +23,14 @@ class Settings(BaseSettings):
         "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32 "
         "(bfloat16's FID is within noise of float32's: docs/benchmarks.md)")
     channels_last: bool | Literal["auto"] = Field(
-        "auto", description="channels_last memory format for the eps-network; auto: the faster layout for this "
-        "model and machine, timed once (in a throwaway process) and kept in layout_cache")
+        "auto", description="channels_last memory format for the eps-network; auto: contiguous unless channels_last "
+        "is decisively faster for this model and machine (the rule in app/startup/layout.py), timed in a "
+        "throwaway process and kept in layout_cache")
     layout_cache: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddim-serve"
         / "layouts.json", description="channels_last=auto: the layout chosen for each model and machine, kept here "
-        "(timed once; delete the file to time again)")
+        "(`ddim layouts` shows it; a provisional one is timed again at the next start, `ddim layouts "
+        "--retime` times it now)")
     compile: bool = Field(False, description="torch.compile one graph per batch bucket at warm-up")
     compile_budget_seconds: float = Field(600.0, ge=0, description="warm-up time allowed for compiling")
     keep_freed_memory: bool = Field(True, description="raise glibc malloc's mmap and trim thresholds and its top "

@@ -83,7 +83,10 @@ NOTES = """## How to read these numbers
   timings of 2398 against 2784 ms and 2210 against 2221 ms per forward at batch 64: near a tie, where
   timing at every start could pick either layout, and so give other numbers from one start to the next
   (the batch-and-layout table above). The server now times once per model and machine and keeps the
-  choice (`DDIM_LAYOUT_CACHE`).
+  choice (`DDIM_LAYOUT_CACHE`), and leaves contiguous only when channels_last takes at most 0.9 of its
+  time in each of 5 alternating rounds of a quiet timing (`app/startup/layout.py`). With that machine's
+  busy core both timings above would be provisional, keep contiguous and be timed again at the next
+  start; the second, a tie, would keep contiguous on a quiet machine too.
 - **`make test` on a fresh clone, measured outside `make bench`.** On the second machine above (one core
   busy with a training job), with Debian's data sets hidden and pip's downloads served from a local wheel
   cache: 630 s in all, of which the tests took 536 s (211 passed, the 3 that read Fashion-MNIST skipped)

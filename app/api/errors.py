@@ -75,9 +75,22 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
         if tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing":
             out.append({"field": "body", "msg": "the body is empty: send a JSON object", "type": "missing"})
             continue
+        if tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), bytes):  # not parsed: not sent as JSON
+            out.append({"field": "body", "msg": "the body is not a JSON object", "type": e.get("type")})
+            continue
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         out.append({"field": ".".join(loc) or "body", "msg": e.get("msg", "invalid"), "type": e.get("type")})
     return out
+
+
+def _json_hint(request: Request, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The body's errors, where it was not sent as JSON (a form, say), with what to send instead."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return errors
+    hint = (f"; it was sent as {media}" if media else "; it was sent without a Content-Type") + \
+        ": send a JSON object with Content-Type: application/json"
+    return [{**e, "msg": e["msg"] + hint} if e["field"] == "body" else e for e in errors]
 
 
 def install(app: FastAPI) -> None:
@@ -87,12 +100,13 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         _reject(request, "invalid")
         _name_model(request, exc.body)
-        return error_response(422, _field_errors(exc), request=request)
+        return error_response(422, _json_hint(request, _field_errors(exc)), request=request)
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
         _reject(request, "invalid")
-        return error_response(422, [{"field": exc.field, "msg": str(exc), "type": "value_error"}], request=request)
+        return error_response(422, _json_hint(request, [{"field": exc.field, "msg": str(exc), "type": "value_error"}]),
+                              request=request)
 
     @app.exception_handler(PayloadTooLarge)
     async def _too_large(request: Request, exc: PayloadTooLarge) -> JSONResponse:

@@ -49,23 +49,31 @@ class Forward:
         self.unet = self.unet.to(memory_format=torch.channels_last if on else torch.contiguous_format)
         self.channels_last = on
 
-    def time_layouts(self, batch: int, sample_shape: tuple[int, int, int], rounds: int = 3) -> dict[bool, float]:
-        """The best seconds per forward at this batch size in each layout (channels_last: False, True), timed
-        alternating. Run it in a process of its own (app.startup.layout, which says why)."""
+    def time_layouts(self, batch: int, sample_shape: tuple[int, int, int], rounds: int = 5,
+                     min_seconds: float = 0.05) -> dict[bool, list[float]]:
+        """Seconds per forward at this batch size in each layout (channels_last: False, True), one value per round.
+
+        The rounds alternate which layout goes first (A B, B A, A B, ...), so that a drift in the machine's speed
+        falls on both alike. In a round each layout gets an untimed call (the first after a switch pays for new
+        allocations), then timed calls until min_seconds have passed. Run it in a process of its own
+        (app.startup.layout, which says why)."""
         x, t = torch.randn(batch, *sample_shape), torch.full((batch,), 500)
-        best = {False: float("inf"), True: float("inf")}
-        for _ in range(rounds):
-            for on in (False, True):
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(rounds):
+            for on in (False, True) if r % 2 == 0 else (True, False):
                 self.use_channels_last(on)
-                self(x, t)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # the untimed call is done before the clock starts
-                started = time.perf_counter()
-                self(x, t)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                best[on] = min(best[on], time.perf_counter() - started)
-        return best
+                self._synced(x, t)  # untimed; done before the clock starts
+                calls, started = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - started) < min_seconds or not calls:
+                    self._synced(x, t)
+                    calls += 1
+                times[on].append(elapsed / calls)
+        return times
+
+    def _synced(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self(x, t)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _eager(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(x, t, class_labels=class_labels).sample
