@@ -11,8 +11,7 @@ import pytest
 
 from app.models.folder import random_model_folder
 from harness.server import running_server
-from tests.conftest import LINEAR_SCHEDULER, TINY_CLASSES, TINY_UNET
-from tests.conftest import pipeline_configs
+from tests.conftest import LINEAR_SCHEDULER, TINY_CLASSES, TINY_UNET, pipeline_configs
 from tests.playground.browser import chromium
 
 
