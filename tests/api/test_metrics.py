@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import httpx
@@ -50,15 +51,21 @@ def test_images_count_the_outputs_returned_and_steps_count_every_step(client: ht
 
 
 def test_readiness_probes_are_not_rejections(tmp_path: Path) -> None:
-    """A store whose only model is broken: the server serves HTTP but never becomes ready."""
+    """A store whose only model is broken: the server serves HTTP but never becomes ready; /models lists the failure
+    once loading is over (503 before)."""
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{")
     with running_server(tmp_path, wait_for="/healthz") as url, httpx.Client(base_url=url, timeout=30) as c:
         for _ in range(5):
             assert c.get("/readyz").status_code == 503
-            assert c.get("/models").status_code == 503
+            assert c.get("/models").status_code in (200, 503)
         assert sample(c, "ddim_requests_rejected_total", reason="not_ready") == 0
         png = base64.b64decode(png_b64(Image.new("L", (8, 8))))
         assert c.post("/generate", json={}).status_code == 503
         assert c.post("/invert", files=[("files", ("a.png", png, "image/png"))]).status_code == 503
         assert sample(c, "ddim_requests_rejected_total", reason="not_ready") == 2
+        for _ in range(100):
+            if c.get("/models").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert [m["status"] for m in c.get("/models").json()["models"]] == ["failed"]
