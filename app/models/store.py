@@ -9,6 +9,10 @@ Two layouts are accepted, as found on the Hub:
 - nested: model_index.json, unet/config.json, unet/<weights>, scheduler/scheduler_config.json
 - flat (google/ddpm-cifar10-32): config.json, <weights>, scheduler_config.json
 Weights are diffusion_pytorch_model.safetensors; a pickled .bin loads only with allow_pickle.
+
+Latent pipelines (StableDiffusionPipeline, StableDiffusion3Pipeline, DiTPipeline) load as parts (app/models/
+pipelines.py): the same LoadedModel, whose eps(x, t, cond) calls their denoiser with per-row cond tensors, with a
+codec (their VAE) and a conditioner (text encoders) beside it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import ModelMixin, UNet2DModel
 from safetensors.torch import load_file
 
+from app.models.codec import LatentCodec
+from app.models.conditioning import Cond, TextConditioner
+from app.models.denoiser import Conditioning, Denoiser, Parts
 from app.models.fast import Forward, bf16_supported
 from app.models.kinds import ModelStoreError, check_folder, check_store, read_json
+from app.models.pipelines import load_parts
 from app.sampling import (
     FLOW_SPACINGS,
     SPACINGS,
@@ -116,7 +124,7 @@ class LoadedModel:
     """A denoising network on its device, with its path (VP alpha-bar table or flow shift) and sampling defaults."""
 
     name: str
-    unet: UNet2DModel
+    unet: ModelMixin  # the denoising network: a UNet2DModel, or a pipeline's UNet or transformer
     scheduler_config: dict[str, Any]
     alphas_cumprod: torch.Tensor | None  # VP only
     device: torch.device
@@ -124,6 +132,73 @@ class LoadedModel:
     path: Path
     channels_last: bool = False
     class_names: tuple[str, ...] = ()
+    parts: Parts | None = None  # a latent pipeline's codec, conditioner and defaults
+
+    @property
+    def codec(self) -> LatentCodec | None:
+        return None if self.parts is None else self.parts.codec
+
+    @property
+    def conditioner(self) -> TextConditioner | None:
+        return None if self.parts is None else self.parts.conditioner
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """What a request conditions on: nothing, a class, or text."""
+        if self.parts is not None:
+            return self.parts.conditioning
+        return "class" if self.conditional else "none"
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale of a request that gives none: the pipeline's own (1, none, for a UNet2DModel)."""
+        return 1.0 if self.parts is None else self.parts.guidance_scale
+
+    @property
+    def size_step(self) -> int:
+        """Pixel sizes are multiples of this: the codec's factor times the denoiser's patch size."""
+        return 1 if self.parts is None or self.codec is None else self.codec.factor * self.parts.patch
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The default (height, width) of a decoded image."""
+        _, h, w = self.sample_shape
+        f = 1 if self.codec is None else self.codec.factor
+        return h * f, w * f
+
+    def latent_shape(self, width: int | None, height: int | None) -> tuple[int, int, int]:
+        """The stepper's sample shape for images of width x height pixels (None: the default); ValueError naming
+        the field for a size this model cannot make."""
+        c, h, w = self.sample_shape
+        if width is None and height is None:
+            return c, h, w
+        step, (dh, dw) = self.size_step, self.image_size
+        fixed = self.parts is None or self.parts.pipeline == "DiTPipeline"
+        for name, v, default in (("width", width, dw), ("height", height, dh)):
+            if v is None:
+                continue
+            if fixed and v != default:
+                raise ValueError(f"{name}: model {self.name!r} makes {dw}x{dh} images only, got {name} {v}")
+            if v % step or v < step:
+                raise ValueError(f"{name}: must be a positive multiple of {step} (the VAE factor x patch size) on "
+                                 f"model {self.name!r}, got {v}")
+        f = 1 if self.codec is None else self.codec.factor
+        return c, (height or dh) // f, (width or dw) // f
+
+    def label_cond(self, labels: torch.Tensor | None, n: int) -> Cond:
+        """The per-row cond of class labels [n] (None: the null label, unconditional); empty for a model that
+        takes no class."""
+        if self.conditioning != "class":
+            return {}
+        if labels is None:
+            labels = torch.full((n,), self.null_class or 0, dtype=torch.long)
+        return {"class_labels": labels}
+
+    def null_cond(self, n: int) -> Cond:
+        """n rows of the unconditional input (warm-up forwards)."""
+        if self.parts is not None and self.parts.null_cond is not None:
+            return {k: v.expand(n, *v.shape[1:]) for k, v in self.parts.null_cond.items()}
+        return self.label_cond(None, n)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -144,6 +219,11 @@ class LoadedModel:
         return "flow" if self.kind == "flow" else str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
+    def steps_offset(self) -> int:
+        """Added to leading timesteps, as diffusers' DDIMScheduler does (pipelines only; 0 for UNet2DModel folders)."""
+        return int(self.scheduler_config.get("steps_offset", 0)) if self.parts is not None else 0
+
+    @property
     def clip_sample(self) -> bool:
         return self.kind == "vp" and bool(self.scheduler_config.get("clip_sample", True))
 
@@ -162,15 +242,23 @@ class LoadedModel:
     @property
     def spacings(self) -> tuple[str, ...]:
         """The schedule names this model samples with; the first is its default."""
-        return FLOW_SPACINGS if self.kind == "flow" else SPACINGS
+        if self.kind == "flow":
+            return FLOW_SPACINGS
+        own = self.scheduler_config.get("timestep_spacing", "leading") if self.parts is not None else None
+        return (own, *(s for s in SPACINGS if s != own)) if own in SPACINGS else SPACINGS
 
     @property
     def conditional(self) -> bool:
+        """Class-conditional (a UNet2DModel with num_class_embeds, or DiT)."""
+        if self.parts is not None:
+            return self.parts.conditioning == "class"
         return self.unet.config.num_class_embeds is not None
 
     @property
     def null_class(self) -> int | None:
         """The reserved unconditional label: the class embedding's last row."""
+        if self.parts is not None:
+            return self.parts.null_class
         return int(self.unet.config.num_class_embeds) - 1 if self.conditional else None
 
     def plan(self, steps: int, spacing: str, direction: Direction) -> Plan:
@@ -182,15 +270,30 @@ class LoadedModel:
             return flow_plan(flow_sigmas(steps, self.num_train_timesteps, self.shift or 1.0),
                              self.num_train_timesteps, direction)
         assert self.alphas_cumprod is not None
-        return vp_plan(self.alphas_cumprod, timestep_sequence(steps, self.num_train_timesteps, spacing), direction)
+        seq = timestep_sequence(steps, self.num_train_timesteps, spacing)
+        if self.parts is None:
+            return vp_plan(self.alphas_cumprod, seq, direction)
+        # diffusers' DDIMScheduler: leading timesteps shifted by steps_offset, and the last step ends at alpha-bar_0
+        # unless set_alpha_to_one
+        if spacing in ("leading", "uniform"):
+            seq = (seq + self.steps_offset).clamp(max=self.num_train_timesteps - 1)
+        end = -1 if self.scheduler_config.get("set_alpha_to_one", True) else 0
+        return vp_plan(self.alphas_cumprod, seq, direction, end=end)
 
     def __post_init__(self) -> None:
-        self.forward = Forward(self.unet, self.device, self.dtype, channels_last=self.channels_last)
+        self.forward: Forward | Denoiser = Forward(self.unet, self.device, self.dtype,
+                                                   channels_last=self.channels_last) \
+            if self.parts is None else self.parts.denoiser
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | torch.Tensor | None = None) -> torch.Tensor:
         """The network output (eps, x0, v or flow velocity, as prediction_type says) in float32, on the model's
-        device. A conditional model without class_labels gets the null label (unconditional)."""
-        return self.forward(x, t, class_labels)
+        device. cond: per-row tensors by the denoiser's keyword ({"class_labels": ...} for a class-conditional
+        UNet2DModel; a tensor is taken as class labels). A conditional model without labels gets the null label."""
+        if isinstance(self.forward, Denoiser):
+            assert isinstance(cond, dict)
+            return self.forward(x, t, cond)
+        labels = cond.get("class_labels") if isinstance(cond, dict) else cond
+        return self.forward(x, t, labels)
 
     def network(self, class_labels: torch.Tensor | None = None,
                 guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -211,7 +314,7 @@ class LoadedModel:
 
     def info(self) -> dict[str, Any]:
         c, h, w = self.sample_shape
-        return {"name": self.name, "kind": self.kind, "image_size": [h, w], "channels": c,
+        return {"name": self.name, "kind": self.kind, "image_size": [h, w], "channels": c, **self._pipeline_info(),
                 "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
                 "shift": self.shift, "schedules": list(self.spacings),
                 "prediction_type": self.prediction_type, "clip_sample": self.clip_sample,
@@ -221,9 +324,25 @@ class LoadedModel:
                 "channels_last": self.forward.channels_last,
                 "parameters": sum(p.numel() for p in self.unet.parameters())}
 
+    def _pipeline_info(self) -> dict[str, Any]:
+        """What /models says of the pipeline: its class, conditioning, space, default size and guidance, prompt
+        token limit, and that its scheduler class only supplies the path (sampling is always DDIM here)."""
+        h, w = self.image_size
+        out: dict[str, Any] = {
+            "pipeline": "DDPMPipeline" if self.parts is None else self.parts.pipeline,
+            "conditioning": self.conditioning, "space": "pixel" if self.codec is None else "latent",
+            "default_size": [w, h], "size_multiple": self.size_step, "default_guidance_scale": self.default_guidance,
+            "prompt_token_limit": None if self.conditioner is None else self.conditioner.token_limit}
+        if self.parts is not None:
+            out["latent_shape"] = list(self.sample_shape)
+            out["scheduler"] = (f"{self.parts.scheduler_class} config supplies the path only; sampled with this "
+                                "server's DDIM stepper")
+        return out
+
 
 def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "float32",
-               allow_pickle: bool = False, name: str | None = None, channels_last: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, name: str | None = None, channels_last: bool = False,
+               prompt_cache_size: int = 256) -> LoadedModel:
     """Load one model folder; every failure is a ModelStoreError naming the file.
 
     dtype "auto" is bfloat16 where it pays off (see fast.bf16_supported), else float32.
@@ -235,7 +354,12 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         raise ModelStoreError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not root.is_dir():
         raise ModelStoreError(f"{root}: missing folder")
-    check_folder(root)  # an unsupported class is refused here, before any weight is read
+    check = check_folder(root)  # an unsupported class is refused here, before any weight is read
+    if check.kind is not None and check.kind.name != "DDPMPipeline":
+        net, parts, sched, names = load_parts(check, dev, DTYPES[dtype], allow_pickle, prompt_cache_size)
+        alphas = _path_of(sched, root / "scheduler" / "scheduler_config.json")
+        return LoadedModel(name or root.name, net, sched, None if alphas is None else alphas.to(dev), dev,
+                           DTYPES[dtype], root, class_names=names, parts=parts)
     files = ModelFiles.find(root, allow_pickle)
     config = read_json(files.unet_config)
     sched = read_json(files.scheduler_config)

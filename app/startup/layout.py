@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from app.config import Settings
-from app.models.fast import bf16_supported
+from app.models.fast import Forward, bf16_supported
+from app.models.kinds import KINDS, check_folder
 from app.models.store import ModelFiles, ModelStoreError, load_model
 from app.startup.memory import keep_freed_memory
 
@@ -38,6 +39,14 @@ log = logging.getLogger(__name__)
 
 
 def layouts_for(folders: list[Path], device: torch.device, settings: Settings) -> list[bool]:
+    """For each model folder, whether it runs channels_last (_layouts_for); a latent pipeline's denoiser always runs
+    the contiguous layout."""
+    plain = [f for f in folders if check_folder(f).kind in (None, KINDS["DDPMPipeline"])]
+    chosen = dict(zip(plain, _layouts_for(plain, device, settings) if plain else []))
+    return [chosen.get(f, False) for f in folders]
+
+
+def _layouts_for(folders: list[Path], device: torch.device, settings: Settings) -> list[bool]:
     """For each model folder, whether it runs channels_last: as DDIM_CHANNELS_LAST says, or (auto) the choice kept
     in settings.layout_cache for this model and machine, timed first where there is none. Without warm-up nothing
     is timed, and a model with no kept choice runs contiguous; so does every model when the cache cannot be written,
@@ -171,6 +180,7 @@ def _time_layouts(folders: list[Path], device: str, dtype: str, batch: int, thre
     timings = []
     for folder in folders:
         model = load_model(folder, device=torch.device(device), dtype=dtype, allow_pickle=allow_pickle)
+        assert isinstance(model.forward, Forward), "pipeline denoisers run contiguous (layouts_for)"
         timings.append(model.forward.time_layouts(batch, model.sample_shape, rounds))
         del model
     return timings
