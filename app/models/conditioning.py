@@ -24,7 +24,8 @@ T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
 
 @dataclass(frozen=True)
 class Encoded:
-    """Encodings [n, ...] of n texts, with how many came from the cache and the seconds spent encoding the rest."""
+    """Encodings [n, ...] of n texts; misses: the distinct texts encoded, hits: the others (cached, or repeated),
+    and the seconds spent encoding."""
 
     cond: Cond
     hits: int
@@ -64,8 +65,8 @@ class TextConditioner:
     def encode(self, texts: list[str]) -> Encoded:
         """Encodings of texts [n, ...]; the texts not cached are encoded in one forward of each encoder."""
         with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-            hits = len(texts) - sum(1 for t in texts if t in missing)
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))  # each encoded once
+        hits = len(texts) - len(missing)
         seconds = 0.0
         fresh: dict[str, Cond] = {}
         if missing:

@@ -47,9 +47,9 @@ class PipelineKind:
     optional: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        parts = [f"{slot}: {' | '.join(classes) if len(classes) < 4 else 'a scheduler config'}"
-                 for slot, classes in self.components.items()]
-        return f"{self.name} ({'; '.join(parts)})"
+        """The pipeline and its denoiser, short enough for a one-line refusal (docs/models.md has the rest)."""
+        slot, classes = next(iter(self.components.items()))
+        return f"{self.name} ({slot}: {' | '.join(classes)})"
 
 
 KINDS: dict[str, PipelineKind] = {}

@@ -289,11 +289,11 @@ class LoadedModel:
         """The network output (eps, x0, v or flow velocity, as prediction_type says) in float32, on the model's
         device. cond: per-row tensors by the denoiser's keyword ({"class_labels": ...} for a class-conditional
         UNet2DModel; a tensor is taken as class labels). A conditional model without labels gets the null label."""
-        if isinstance(self.forward, Denoiser):
-            assert isinstance(cond, dict)
-            return self.forward(x, t, cond)
+        if self.parts is not None:  # a pipeline's Denoiser (or whatever wraps it)
+            assert cond is None or isinstance(cond, dict)
+            return self.forward(x, t, cond)  # type: ignore[arg-type]
         labels = cond.get("class_labels") if isinstance(cond, dict) else cond
-        return self.forward(x, t, labels)
+        return self.forward(x, t, labels)  # type: ignore[arg-type]  # (a UNet2DModel Forward here)
 
     def network(self, class_labels: torch.Tensor | None = None,
                 guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
