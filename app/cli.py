@@ -47,11 +47,19 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
 
 
 def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
-    """The model's prediction for the CLI's loops: with --class-label conditional, guided when w is not 1."""
+    """The model's prediction for the CLI's loops: with --class-label or --prompt conditional, guided when w is not
+    1 (default: the model's w)."""
     import torch
 
+    prompt = getattr(args, "prompt", None)
+    w = model.default_guidance if args.guidance_scale is None else args.guidance_scale
+    if model.conditioning == "text":
+        return model.network(guidance_scale=w, prompts=[prompt or ""] * n,
+                             negative_prompts=[getattr(args, "negative_prompt", None) or ""] * n)
+    if prompt is not None:
+        raise SystemExit(f"ddim: error: model {model.name!r} has no text encoder; leave out --prompt")
     if args.class_label is None:
-        return model.eps
+        return model.network()
     if not model.conditional:
         raise SystemExit(f"ddim: error: model {model.name!r} is not class-conditional; leave out --class-label")
     names = {c.lower(): i for i, c in enumerate(model.class_names)}
@@ -59,7 +67,7 @@ def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
     if label not in names and not (label.isdigit() and int(label) < len(names)):
         raise SystemExit(f"ddim: error: unknown class {args.class_label!r}; valid: {', '.join(model.class_names)}")
     y = torch.full((n,), names[label] if label in names else int(label), dtype=torch.long)
-    return model.network(y, args.guidance_scale)
+    return model.network(y, w)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -70,14 +78,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = _load(args)
     if args.variance == "large" and model.kind != "vp":
         raise SystemExit(f"ddim: error: --variance large is for VP models only; {model.name!r} is a {model.kind} model")
+    try:
+        shape = model.latent_shape(args.width, args.height)
+    except ValueError as e:
+        raise SystemExit(f"ddim: error: --{e}") from None
     gens = sample_generators(args.seed, args.n)
-    x_T = draw(gens, model.sample_shape).to(model.device)
+    x_T = draw(gens, shape).to(model.device)
     plan = model.plan(args.steps, args.schedule or model.spacings[0], "generate")
     clip = model.clip_sample if args.clip is None else args.clip
     x0 = run_plan(_network(model, args, args.n), x_T, plan, eta=args.eta, large=args.variance == "large",
                   prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
                   progress=lambda steps: tqdm(steps, desc="sample", leave=False))
-    images = pil_images(x0)
+    images = pil_images(x0 if model.codec is None else model.codec.decode(x0))
     (images[0] if len(images) == 1 else grid(images)).save(args.out)  # as the server's PNG: a grid when n > 1
     if args.latents_out:
         Path(args.latents_out).write_bytes(npy_bytes(x0))
@@ -93,6 +105,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from app.sampling.loop import run_plan
 
     model = _load(args)
+    if model.codec is not None:
+        raise SystemExit(f"ddim: error: model {model.name!r} is a latent pipeline; inverting it is not offered yet")
     x0 = torch.stack([to_model_space(Image.open(p), model.sample_shape) for p in args.images])
     plan = model.plan(args.steps, args.schedule or model.spacings[0], "invert")
     x_T = run_plan(_network(model, args, len(x0)), x0.to(model.device), plan, prediction_type=model.prediction_type,
@@ -207,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timestep spacing (default: the model's: uniform on VP models, linspace on flow models)")
         q.add_argument("--class-label", help="class-conditional models: a class name or index (default: none, "
                        "unconditional)")
-        q.add_argument("--guidance-scale", type=float, default=1.0,
-                       help="classifier-free guidance w (1: plain conditional, 0: unconditional)")
+        q.add_argument("--guidance-scale", type=float, default=None,
+                       help="classifier-free guidance w (1: plain conditional, 0: unconditional; default: the "
+                       "model's, e.g. 7.5 for Stable Diffusion, 1 for UNet2DModel folders)")
 
     s = sub.add_parser("sample", help="generate a PNG (a grid when n > 1)")
     model_args(s)
@@ -219,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clip predicted x0 to [-1, 1] (default: the model's clip_sample)")
     s.add_argument("--out", default="grid.png")
-    s.add_argument("--latents-out", help="also write the final samples x0 as .npy")
+    s.add_argument("--latents-out", help="also write the final samples x0 as .npy (latents for latent models)")
+    s.add_argument("--prompt", help="text models: the prompt")
+    s.add_argument("--negative-prompt", help="text models: the negative prompt (default \"\")")
+    s.add_argument("--width", type=int, help="latent models: pixels (default: the model's size)")
+    s.add_argument("--height", type=int, help="latent models: pixels (default: the model's size)")
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("invert", help="DDIM-invert images to x_T (.npy)")

@@ -5,10 +5,7 @@ v = eps - x0 at timestep num_train_timesteps sigma); any other scheduler config 
 A UNet2DModel with num_class_embeds is class-conditional: its last class row is the null label of
 classifier-free guidance, and model_index.json may name the others in id2label (as DiTPipeline does).
 
-Two layouts are accepted, as found on the Hub:
-- nested: model_index.json, unet/config.json, unet/<weights>, scheduler/scheduler_config.json
-- flat (google/ddpm-cifar10-32): config.json, <weights>, scheduler_config.json
-Weights are diffusion_pytorch_model.safetensors; a pickled .bin loads only with allow_pickle.
+A UNet2DModel folder comes in either layout found on the Hub, nested or flat (app/models/unet.py reads it).
 
 Latent pipelines (StableDiffusionPipeline, StableDiffusion3Pipeline, DiTPipeline) load as parts (app/models/
 pipelines.py): the same LoadedModel, whose eps(x, t, cond) calls their denoiser with per-row cond tensors, with a
@@ -24,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, UNet2DModel
-from safetensors.torch import load_file
+from diffusers import ModelMixin
 
 from app.models.codec import LatentCodec
 from app.models.conditioning import Cond, TextConditioner
@@ -33,6 +29,7 @@ from app.models.denoiser import Conditioning, Denoiser, Parts
 from app.models.fast import Forward, bf16_supported
 from app.models.kinds import ModelStoreError, check_folder, check_store, read_json
 from app.models.pipelines import load_parts
+from app.models.unet import ModelFiles, load_unet
 from app.sampling import (
     FLOW_SPACINGS,
     SPACINGS,
@@ -52,11 +49,7 @@ from app.sampling import (
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS = "diffusion_pytorch_model.safetensors"
-PICKLE = "diffusion_pytorch_model.bin"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Attention parameter names of checkpoints saved before diffusers 0.14 (google/ddpm-* among them).
-_OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -68,52 +61,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """Where a model folder keeps its three parts."""
-
-    root: Path
-    unet_config: Path
-    weights: Path
-    scheduler_config: Path
-
-    @classmethod
-    def find(cls, root: Path, allow_pickle: bool = False) -> ModelFiles:
-        nested = (root / "model_index.json").exists() or (root / "unet").is_dir()
-        if nested:
-            read_json(root / "model_index.json")
-            unet_dir, sched = root / "unet", root / "scheduler" / "scheduler_config.json"
-        else:
-            unet_dir, sched = root, root / "scheduler_config.json"
-        weights = unet_dir / SAFETENSORS
-        if not weights.is_file():
-            if (unet_dir / PICKLE).is_file():
-                if not allow_pickle:
-                    raise ModelStoreError(
-                        f"{unet_dir / PICKLE}: pickled weights can run arbitrary code; convert them to "
-                        f"{SAFETENSORS} or set DDIM_ALLOW_PICKLE=1 if you trust this file")
-                weights = unet_dir / PICKLE
-            else:
-                raise ModelStoreError(f"{weights}: missing file")
-        return cls(root, unet_dir / "config.json", weights, sched)
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelStoreError(f"{path}: cannot read weights ({e})") from e
-    renamed = {}
-    for k, v in state.items():
-        for old, new in _OLD_ATTENTION.items():
-            k = k.replace(old, new)
-        renamed[k] = v
-    return renamed
 
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -295,19 +242,28 @@ class LoadedModel:
         labels = cond.get("class_labels") if isinstance(cond, dict) else cond
         return self.forward(x, t, labels)  # type: ignore[arg-type]  # (a UNet2DModel Forward here)
 
-    def network(self, class_labels: torch.Tensor | None = None,
-                guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The prediction as a function of (x, t) for offline loops: conditional on class_labels [n] if given, and
-        guided when w is not 1, both rows in one forward as the engine runs them (w = 0: unconditional)."""
-        if class_labels is None or guidance_scale == 0:
-            return self.eps
-        y = class_labels
+    def network(self, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, *,
+                prompts: list[str] | None = None,
+                negative_prompts: list[str] | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The prediction as a function of (x, t) for offline loops: conditional on class_labels [n] or a text
+        model's prompts [n] if given, and guided when w is not 1 (against the null label or the negative prompts,
+        default ""), both rows in one forward as the engine runs them (w = 0: unconditional)."""
+        if prompts is not None:
+            assert self.conditioner is not None, f"model {self.name!r} has no text encoder"
+            cond = self.conditioner.encode(prompts).cond
+            uncond = self.conditioner.encode(negative_prompts or [""] * len(prompts)).cond
+            if guidance_scale == 0:
+                cond, guidance_scale = uncond, 1.0
+        elif class_labels is None or guidance_scale == 0:
+            return self.eps if self.parts is None else lambda x, t: self.eps(x, t, self.null_cond(len(x)))
+        else:
+            cond, uncond = self.label_cond(class_labels, len(class_labels)), self.label_cond(None, len(class_labels))
         if guidance_scale == 1:
-            return lambda x, t: self.eps(x, t, y)
-        null = torch.full_like(y, self.null_class or 0)
+            return lambda x, t: self.eps(x, t, cond)
+        both = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()}
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = self.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+            out = self.eps(torch.cat([x, x]), torch.cat([t, t]), both)
             return guide(out[:len(x)], out[len(x):], guidance_scale)
 
         return guided
@@ -361,15 +317,9 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         return LoadedModel(name or root.name, net, sched, None if alphas is None else alphas.to(dev), dev,
                            DTYPES[dtype], root, class_names=names, parts=parts)
     files = ModelFiles.find(root, allow_pickle)
-    config = read_json(files.unet_config)
     sched = read_json(files.scheduler_config)
     alphas_cumprod = _path_of(sched, files.scheduler_config)
-    try:
-        unet = UNet2DModel.from_config(config)
-    except Exception as e:
-        raise ModelStoreError(f"{files.unet_config}: not a UNet2DModel config ({e})") from e
-    class_names = _class_names(unet, files)
-    _fit(unet, _load_state_dict(files.weights), files)
+    unet, class_names = load_unet(files)
     unet = unet.to(dev).eval().requires_grad_(False)
     if dtype != "float32":
         # diffusers' ModelMixin.to warns on every dtype cast that modules "should be kept in float32", even when the
@@ -378,28 +328,6 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         unet = unet.to(DTYPES[dtype]) if keep else torch.nn.Module.to(unet, DTYPES[dtype])
     return LoadedModel(name or root.name, unet, sched, None if alphas_cumprod is None else alphas_cumprod.to(dev),
                        dev, DTYPES[dtype], root, channels_last=channels_last, class_names=class_names)
-
-
-def _fit(unet: torch.nn.Module, state: dict[str, torch.Tensor], files: ModelFiles) -> None:
-    """Load state into unet, or one short ModelStoreError: what is missing, unexpected or of another shape, with at
-    most a few key names each."""
-    want = unet.state_dict()
-    problems = [_keys("missing", [k for k in want if k not in state]),
-                _keys("unexpected", [k for k in state if k not in want]),
-                _keys("of another shape", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
-                                           if k in state and state[k].shape != v.shape])]
-    problems = [p for p in problems if p]
-    if problems:
-        raise ModelStoreError(f"{files.weights}: weights do not fit {files.unet_config}: {'; '.join(problems)}")
-    unet.load_state_dict(state, strict=True)
-
-
-def _keys(what: str, keys: list[str], shown: int = 3) -> str:
-    """'12 keys missing (a, b, c and 9 more)', or '' for none."""
-    if not keys:
-        return ""
-    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-    return f"{len(keys)} key{'s' if len(keys) > 1 else ''} {what} ({', '.join(keys[:shown])}{more})"
 
 
 def _path_of(sched: dict[str, Any], path: Path) -> torch.Tensor | None:
@@ -418,30 +346,6 @@ def _path_of(sched: dict[str, Any], path: Path) -> torch.Tensor | None:
         return alphas_cumprod_from_config(sched)
     except (ScheduleError, TypeError, ValueError) as e:
         raise ModelStoreError(f"{path}: {e}") from e
-
-
-def _class_names(unet: UNet2DModel, files: ModelFiles) -> tuple[str, ...]:
-    """The names of a conditional model's classes (id2label of model_index.json), else their numbers."""
-    cfg = unet.config
-    if cfg.class_embed_type is not None:
-        raise ModelStoreError(f"{files.unet_config}: class_embed_type {cfg.class_embed_type!r} is not supported "
-                              "(class-conditional models use num_class_embeds)")
-    if cfg.num_class_embeds is None:
-        return ()
-    n = int(cfg.num_class_embeds) - 1  # the last row is the null label
-    if n < 1:
-        raise ModelStoreError(f"{files.unet_config}: num_class_embeds must be at least 2 (classes + the null label)")
-    index = files.root / "model_index.json"
-    labels = read_json(index).get("id2label") if index.is_file() else None
-    if labels is None:
-        return tuple(str(i) for i in range(n))
-    if not isinstance(labels, dict) or sorted(labels, key=str) != sorted(map(str, range(n)), key=str):
-        raise ModelStoreError(f"{index}: id2label must map each class 0..{n - 1} to a name "
-                              f"(num_class_embeds {n + 1} includes the null label {n})")
-    names = tuple(str(labels[str(i)]) for i in range(n))
-    if len({x.lower() for x in names}) != n:
-        raise ModelStoreError(f"{index}: id2label names must be distinct")
-    return names
 
 
 def discover(store: Path) -> list[str]:
