@@ -244,3 +244,21 @@ def test_the_cli_takes_prompts(http: httpx.Client, pipeline_store: Path, tmp_pat
                  "--height", "40", "--out", str(out), "--latents-out", str(latents)]) == 0
     assert _rel(torch.from_numpy(np.load(latents)), _npy(served["x_0"])) < 1e-5
     assert np.abs(np.asarray(Image.open(out).convert("RGB"), dtype=np.int16) - _png(served["images"][0])).max() <= 1
+
+
+def test_interpolation_and_previews_of_a_text_model(http: httpx.Client) -> None:
+    """/interpolate between two seeds under a prompt gives decoded frames and latent x_T; the event stream's
+    previews are decoded x0-hat (RGB at the image size, not latents)."""
+    r = http.post("/interpolate", json={"model": "sd", "prompt": "a cat", "start": {"seed": 1}, "end": {"seed": 2},
+                                        "frames": 3, "steps": 2, "return_latents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 3 and _png(body["images"][0]).shape == (32, 32, 3)
+    assert _npy(body["x_T"]).shape == (3, 4, 8, 8)
+    import json
+
+    with http.stream("POST", "/generate", json={"model": "sd", "prompt": "a cat", "steps": 2, "seed": 1,
+                                                "preview_every": 1}, headers={"Accept": "text/event-stream"}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    previews = [e["preview"] for e in events if "preview" in e]
+    assert len(previews) == 2 and _png(previews[0]).shape == (32, 32, 3)
