@@ -270,6 +270,8 @@ class LoadedModel:
 
     def info(self) -> dict[str, Any]:
         c, h, w = self.sample_shape
+        if self.codec is not None:  # the images' size and channels; latent_shape is the stepper's
+            (h, w), c = self.image_size, 3
         return {"name": self.name, "kind": self.kind, "image_size": [h, w], "channels": c, **self._pipeline_info(),
                 "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
                 "shift": self.shift, "schedules": list(self.spacings),

@@ -262,3 +262,13 @@ def test_interpolation_and_previews_of_a_text_model(http: httpx.Client) -> None:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
     previews = [e["preview"] for e in events if "preview" in e]
     assert len(previews) == 2 and _png(previews[0]).shape == (32, 32, 3)
+
+
+def test_cancel_and_deadlines_work_for_text_models(http: httpx.Client) -> None:
+    job = http.post("/jobs/generate", json={"model": "sd3", "prompt": "a cat", "n": 4, "steps": 1000, "seed": 0})
+    assert job.status_code == 202, job.text
+    cancelled = http.delete(job.headers["location"]).json()
+    assert cancelled["status"] == "cancelled"
+    late = http.post("/generate", json={"model": "sd", "prompt": "a cat", "steps": 1000, "timeout_s": 0.3})
+    assert late.status_code == 504
+    assert http.post("/generate", json={"model": "sd", "prompt": "a cat", "steps": 2, "seed": 0}).status_code == 200
