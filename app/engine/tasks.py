@@ -12,7 +12,6 @@ On a latent pipeline x_T and x_0 are latents, and the images (the worker decodes
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -21,13 +20,13 @@ import torch
 from app.config import Settings
 from app.engine.errors import InvalidRequest
 from app.engine.handle import Outcome, RequestHandle
+from app.engine.inputs import prompt_fields, sample_shape, texts_of
 from app.engine.jobs import SampleJob
 from app.models import LoadedModel
 from app.sampling import Direction, Plan, Spacing, draw, lerp, sample_generators, slerp
 
 __all__ = ["End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work", "prepare"]
 
-log = logging.getLogger(__name__)
 ClassLabel = int | str | list[int | str] | None
 Text = str | list[str] | None
 
@@ -144,46 +143,9 @@ def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[s
     if model.conditioning == "text":
         out["guidance_scale"] = work.w
     if model.codec is not None:
-        _, h, w = _shape(model, work)
+        _, h, w = sample_shape(model, work)
         out["width"], out["height"] = w * model.codec.factor, h * model.codec.factor
     return out
-
-
-def _shape(model: LoadedModel, work: Work) -> tuple[int, int, int]:
-    """The stepper's sample shape of the work's width x height."""
-    try:
-        return model.latent_shape(work.width, work.height)
-    except ValueError as e:
-        field_name, _, message = str(e).partition(": ")
-        raise InvalidRequest(field_name, message) from e
-
-
-def _texts(model: LoadedModel, work: Work, n: int) -> tuple[list[str], list[str]] | None:
-    """A text model's prompts and negative prompts [n] (one given is used for every image); None for other models.
-    Prompts past the tokenizer's limit are truncated as diffusers truncates them; the response says which."""
-    if model.conditioner is None:
-        return None
-    out = []
-    for name, value in (("prompt", work.prompt), ("negative_prompt", work.negative_prompt)):
-        values = value if isinstance(value, list) else [value or ""] * n
-        if len(values) != n:
-            raise InvalidRequest(name, f"{name} has {len(values)} texts for {n} images; give one, or one per image")
-        out.append([str(v) for v in values])
-    return out[0], out[1]
-
-
-def _truncated(model: LoadedModel, texts: tuple[list[str], list[str]] | None, request: str) -> dict[str, Any]:
-    """The response's prompt fields, with which prompts were cut at the tokenizer's limit (logged too)."""
-    if texts is None or model.conditioner is None:
-        return {}
-    prompts, negatives = texts
-    cut = [model.conditioner.truncated(t) for t in prompts]
-    cut_negative = [model.conditioner.truncated(t) for t in negatives]
-    if any(cut) or any(cut_negative):
-        log.warning("prompts longer than the %d tokens of model %s were truncated (as diffusers truncates them)",
-                    model.conditioner.token_limit, model.name)
-    return {"prompt": prompts, "negative_prompt": negatives, "prompt_truncated": cut,
-            "negative_prompt_truncated": cut_negative, "prompt_token_limit": model.conditioner.token_limit}
 
 
 def prepare(engine: Engine, work: Work) -> Prepared:
@@ -226,7 +188,7 @@ def _check_effective(model: LoadedModel, work: Work) -> None:
             raise InvalidRequest("images" if isinstance(work, InvertWork) else ends[0],
                                  f"model {model.name!r} is a latent pipeline: inverting images is not served for it "
                                  "yet (the next issue adds it)")
-    _shape(model, work)
+    sample_shape(model, work)
     if work.w != 1 and model.conditioning != "text":
         if not model.conditional:
             raise InvalidRequest("guidance_scale", f"model {model.name!r} is not class-conditional: guidance_scale "
@@ -266,15 +228,15 @@ def _check_n(engine: Engine, n: int, field_name: str) -> None:
 def _prepare_generate(engine: Engine, model: LoadedModel, work: GenerateWork) -> Prepared:
     _check_n(engine, work.n, "n")
     labels = engine.class_labels(model, work.class_label, work.n)
-    texts = _texts(model, work, work.n)
+    texts = texts_of(model, work, work.n)
     job, seed = engine.generate_job(model, n=work.n, steps=work.steps, eta=work.eta, large=work.variance == "large",
                                     schedule=work.schedule, seed=work.seed, x_T=work.x_T, clip=work.clip_denoised,
-                                    class_labels=labels, guidance_scale=work.w, shape=_shape(model, work),
+                                    class_labels=labels, guidance_scale=work.w, shape=sample_shape(model, work),
                                     prompts=None if texts is None else texts[0],
                                     negative_prompts=None if texts is None else texts[1])
     job.preview_every = work.preview_every
     x_T = job.x.clone()
-    fields = {**_echo(model, work, labels), **_truncated(model, texts, work.task), "seed": seed, "n": work.n,
+    fields = {**_echo(model, work, labels), **prompt_fields(model, texts), "seed": seed, "n": work.n,
               "eta": work.eta, "variance": work.variance}
 
     async def run(handle: RequestHandle) -> Outcome:
@@ -328,7 +290,7 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
     _check_n(engine, work.frames, "frames")
     engine.check_steps(model, work.steps, work.schedule)
     labels = engine.class_labels(model, work.class_label, work.frames)
-    texts, shape = _texts(model, work, work.frames), _shape(model, work)
+    texts, shape = texts_of(model, work, work.frames), sample_shape(model, work)
     ends = {name: (end, _end_latent(engine, model, end, name, shape)) for name, end in (("start", work.start),
                                                                                          ("end", work.end))}
     inversions = {name: engine.invert_job(model, end.image[None], steps=work.steps, schedule=work.schedule,
@@ -336,7 +298,7 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
                                           guidance_scale=work.w)
                   for (name, (end, latent)), k in zip(ends.items(), (0, -1))
                   if latent is None and end.image is not None}
-    fields = {**_echo(model, work, labels), **_truncated(model, texts, work.task), "frames": work.frames,
+    fields = {**_echo(model, work, labels), **prompt_fields(model, texts), "frames": work.frames,
               "method": work.method}
     offset = work.steps if inversions else 0
     mix = slerp if work.method == "slerp" else lerp
