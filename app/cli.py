@@ -89,14 +89,22 @@ def _plan(model, args: argparse.Namespace, direction: str):  # -> Plan
 
 
 def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
-    """The model's prediction for the CLI's loops: with --class-label conditional, guided when w is not 1."""
+    """The model's prediction for the CLI's loops: with --class-label or --prompt conditional, guided when w is not
+    1 (default: the model's w)."""
     import torch
 
+    prompt = getattr(args, "prompt", None)
+    w = model.default_guidance if args.guidance_scale is None else args.guidance_scale
+    if model.conditioning == "text":
+        return model.network(guidance_scale=w, prompts=[prompt or ""] * n,
+                             negative_prompts=[getattr(args, "negative_prompt", None) or ""] * n)
+    if prompt is not None:
+        raise CliError(f"model {model.name!r} has no text encoder; leave out --prompt", USAGE)
     if args.class_label is None:
-        if args.guidance_scale != 1.0:  # as the server: a value that cannot act is an error, not a no-op
+        if args.guidance_scale not in (None, 1.0):  # as the server: a value that cannot act is an error
             raise CliError("--guidance-scale needs --class-label (without one the samples are unconditional and w "
                            "has no effect)", USAGE)
-        return model.eps
+        return model.network()
     if not model.conditional:
         raise CliError(f"model {model.name!r} is not class-conditional; leave out --class-label", USAGE)
     names = {c.lower(): i for i, c in enumerate(model.class_names)}
@@ -104,7 +112,7 @@ def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
     if label not in names and not (label.isdigit() and int(label) < len(names)):
         raise CliError(f"unknown class {args.class_label!r}; valid: {', '.join(model.class_names)}", USAGE)
     y = torch.full((n,), names[label] if label in names else int(label), dtype=torch.long)
-    return model.network(y, args.guidance_scale)
+    return model.network(y, w)
 
 
 def _writable(*paths: str | None) -> None:
@@ -143,16 +151,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = _load(settings, folder)
     if args.variance == "large" and model.kind != "vp":
         raise CliError(f"--variance large is for VP models only; {model.name!r} is a {model.kind} model", USAGE)
+    try:
+        shape = model.latent_shape(args.width, args.height)
+    except ValueError as e:
+        raise CliError(f"--{e}", USAGE) from None
     plan = _plan(model, args, "generate")
     network = _network(model, args, args.n)
     _announce(model)
     gens = sample_generators(args.seed, args.n)
-    x_T = draw(gens, model.sample_shape).to(model.device)
+    x_T = draw(gens, shape).to(model.device)
     clip = model.clip_sample if args.clip is None else args.clip
     x0 = run_plan(network, x_T, plan, eta=args.eta, large=args.variance == "large",
                   prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
                   progress=lambda steps: tqdm(steps, desc="sample", leave=False))
-    images = pil_images(x0)
+    images = pil_images(x0 if model.codec is None else model.codec.decode(x0))
     (images[0] if len(images) == 1 else grid(images)).save(args.out)  # as the server's PNG: a grid when n > 1
     if args.latents_out:
         Path(args.latents_out).write_bytes(npy_bytes(x0))
@@ -170,6 +182,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
     _writable(args.out)
     images = _read_images(args.images)
     model = _load(settings, folder)
+    if model.codec is not None:
+        raise CliError(f"model {model.name!r} is a latent pipeline; inverting it is not offered yet", USAGE)
     plan = _plan(model, args, "invert")
     network = _network(model, args, len(images))
     _announce(model)
@@ -261,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timestep spacing (default: the model's: uniform on VP models, linspace on flow models)")
         q.add_argument("--class-label", help="class-conditional models: a class name or index (default: none, "
                        "unconditional)")
-        q.add_argument("--guidance-scale", type=number(float, 0.0, 20.0), default=1.0,
-                       help="classifier-free guidance w (1: plain conditional, 0: unconditional)")
+        q.add_argument("--guidance-scale", type=number(float, 0.0, 20.0), default=None,
+                       help="classifier-free guidance w (1: plain conditional, 0: unconditional; default: the "
+                       "model's, e.g. 7.5 for Stable Diffusion, 1 for UNet2DModel folders)")
 
     s = command("sample", cmd_sample, "generate a PNG (a grid when n > 1)")
     model_args(s)
@@ -273,7 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clip predicted x0 to [-1, 1] (default: the model's clip_sample)")
     s.add_argument("--out", default="grid.png")
-    s.add_argument("--latents-out", help="also write the final samples x0 as .npy")
+    s.add_argument("--latents-out", help="also write the final samples x0 as .npy (latents for latent models)")
+    s.add_argument("--prompt", help="text models: the prompt")
+    s.add_argument("--negative-prompt", help="text models: the negative prompt (default \"\")")
+    s.add_argument("--width", type=int, help="latent models: pixels (default: the model's size)")
+    s.add_argument("--height", type=int, help="latent models: pixels (default: the model's size)")
+    s.set_defaults(func=cmd_sample)
 
     i = command("invert", cmd_invert, "DDIM-invert images to x_T (.npy)")
     model_args(i)

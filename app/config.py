@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     max_defer_steps: int = Field(32, ge=1, description="short-first: the long rows get a forward of their own "
                                  "at least this often")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    prompt_cache_size: int = Field(256, ge=1, description="text models: prompt encodings kept per model (an LRU "
+                                   "cache keyed by the text)")
     max_request_seconds: float = Field(600.0, gt=0, description="the longest a request or job may take, queueing "
                                        "included; a request's timeout_s is capped by it")
     max_jobs: int = Field(1000, ge=1, description="unfinished and retained jobs held at once; past it, 429")

@@ -17,7 +17,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__, logs
-from app.api import errors
+from app.api import errors, openai
 from app.api.auth import ApiKeys, load_digests
 from app.api.routes import router
 from app.config import Settings
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, *, load_before_serving: bool = 
     app.state.settings, app.state.metrics, app.state.engine, app.state.drain = settings, metrics, engine, drain
     errors.install(app)
     app.include_router(router)
+    app.include_router(openai.router)  # POST /v1/images/generations
     install_playground(app)  # GET /: the playground page
 
     @app.get("/metrics", include_in_schema=False)

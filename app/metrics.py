@@ -26,6 +26,14 @@ class Metrics:
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.forward_seconds = Histogram("ddim_model_forward_seconds", "Time of one eps-network forward",
                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_cache = Counter("ddim_prompt_cache", "Prompt encodings looked up in the model's cache "
+                                    "(result: hit, or miss: encoded)", ["model", "result"], registry=r)
+        self.encode_seconds = Histogram("ddim_text_encode_seconds", "Time of one text-encoder call (the prompts "
+                                        "of the requests admitted together that the cache lacks)", ["model"],
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_seconds = Histogram("ddim_vae_decode_seconds", "Time of one VAE decode (the jobs of one shape "
+                                        "finishing on the same step)", ["model"], buckets=LATENCY_BUCKETS,
+                                        registry=r)
         self.sample_steps = Counter("ddim_sample_steps", "Sample-steps computed", ["model"], registry=r)
         self.images = Counter("ddim_images", "Images returned (generate, interpolation frames) or latents (invert)",
                               ["model", "endpoint"], registry=r)

@@ -108,3 +108,32 @@ def mixed_store(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path, cond
     weights = store / "truncated" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     return store
+
+
+def needs_open_clip() -> None:
+    """CLIP's tokenizer is built from open_clip_torch's BPE file (harness/pipelines.py): skip where it is missing,
+    unless DDIM_REQUIRE_OPEN_CLIP=1 (CI), which fails instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("open_clip") is not None:
+        return
+    reason = "open_clip_torch is not installed: pip install --no-deps open_clip_torch (make install does this)"
+    if os.environ.get("DDIM_REQUIRE_OPEN_CLIP") == "1":
+        pytest.fail(f"DDIM_REQUIRE_OPEN_CLIP=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pipeline_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight latent pipelines written by diffusers' save_pretrained (harness/pipelines.py), 32x32
+    pixels through a factor-4 VAE: 'sd' (StableDiffusionPipeline, epsilon, DDIM config), 'sd-v' (v_prediction,
+    DDIM config), 'sd3' (StableDiffusion3Pipeline without T5, FlowMatch shift 3) and 'dit' (DiTPipeline)."""
+    needs_open_clip()
+    from harness.pipelines import tiny_dit, tiny_sd, tiny_sd3
+
+    store = tmp_path_factory.mktemp("pipeline_store")
+    tiny_sd(store / "sd", seed=0)
+    tiny_sd(store / "sd-v", prediction_type="v_prediction", seed=1)
+    tiny_sd3(store / "sd3", seed=2)
+    tiny_dit(store / "dit", seed=3)
+    return store

@@ -45,11 +45,16 @@ def _npy(x: Any) -> str:
     return b64encode(npy_bytes(x))
 
 
+def _shown(t: dict[str, Any]) -> Any:
+    """The images of a generation: decoded where the model is a latent pipeline, else x_0 itself."""
+    return t["images"] if "images" in t else t["x_0"]
+
+
 def as_json(handle: RequestHandle, outcome: Outcome) -> dict[str, Any]:
     """The JSON answer of the task, as the synchronous endpoint gives it."""
     t, want, out = outcome.tensors, handle.meta, dict(outcome.fields)
     if handle.task == "generate":
-        out["images"] = _pngs(t["x_0"])
+        out["images"] = _pngs(_shown(t))
         if want.get("return_latents"):
             out["x_T"], out["x_0"] = _npy(t["x_T"]), _npy(t["x_0"])
     elif handle.task == "invert":
@@ -71,7 +76,7 @@ def response(handle: RequestHandle, outcome: Outcome, accept: str) -> Any:
         return as_json(handle, outcome)
     if accept == NPY:
         return Response(npy_bytes(t["x_0"] if handle.task == "generate" else t["x_T"]), media_type=NPY)
-    images = pil_images(t["x_0"] if handle.task == "generate" else t["frames"])
+    images = pil_images(_shown(t) if handle.task == "generate" else t["frames"])
     if accept == GIF:
         return Response(gif_bytes(images), media_type=GIF)
     if handle.task == "interpolate":

@@ -148,19 +148,25 @@ def _generate_work(body: GenerateRequest) -> GenerateWork:
     return GenerateWork(model=body.model, n=body.n, steps=body.steps, eta=body.eta, variance=body.variance,
                         schedule=body.schedule, seed=body.seed, x_T=x_T, clip_denoised=body.clip_denoised,
                         class_label=body.class_label, guidance_scale=body.guidance_scale,
-                        preview_every=body.preview_every, sampler=body.sampler, solver_order=body.solver_order)
+                        preview_every=body.preview_every, prompt=body.prompt, negative_prompt=body.negative_prompt,
+                        width=body.width, height=body.height, sampler=body.sampler, solver_order=body.solver_order)
 
 
 async def _invert_work(request: Request, engine: Engine, settings: Settings) -> tuple[InvertRequest, InvertWork]:
     body, raws, field = await _invert_request(request)
     model = _model(engine, request, body.model)
+    if model.codec is not None:
+        raise InvalidRequest(field, f"model {model.name!r} is a latent pipeline: inverting images is not served for "
+                                    "it yet (the next issue adds it)")
     if len(raws) > settings.max_n:
         raise InvalidRequest(field, f"at most {settings.max_n} images per request on this server")
     small = len(raws) * prod(model.sample_shape) <= render.INLINE_ELEMENTS
     images = await _offload(small, _decode_images, raws, field, model, settings.max_image_pixels)
     return body, InvertWork(model=body.model, images=images, steps=body.steps, schedule=body.schedule,
                             class_label=body.class_label, guidance_scale=body.guidance_scale,
-                            preview_every=body.preview_every, return_reconstruction=body.return_reconstruction)
+                            preview_every=body.preview_every, return_reconstruction=body.return_reconstruction,
+                            prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
+                            height=body.height)
 
 
 async def _interpolate_work(request: Request, engine: Engine, settings: Settings,
@@ -171,7 +177,8 @@ async def _interpolate_work(request: Request, engine: Engine, settings: Settings
     return InterpolateWork(model=body.model, start=start, end=end, frames=body.frames, steps=body.steps,
                            schedule=body.schedule, method=body.method, class_label=body.class_label,
                            guidance_scale=body.guidance_scale, preview_every=body.preview_every,
-                           sampler=body.sampler, solver_order=body.solver_order)
+                           prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
+                           height=body.height, sampler=body.sampler, solver_order=body.solver_order)
 
 
 @router.post("/generate", responses=render.RESPONSES["generate"])

@@ -35,9 +35,19 @@ class _Guided(_Work):
         None, description="class-conditional models: a class index or name (any case), or a list with one per "
         "image; omitted: unconditional samples. /models lists each model's classes")
     guidance_scale: float | None = Field(None, ge=0.0, le=20.0, description="classifier-free guidance w: the "
-                                         "prediction is uncond + w (cond - uncond); 1 (the default) = plain "
-                                         "conditional, 0 = unconditional. Needs a class_label: a value other than 1 "
+                                         "prediction is uncond + w (cond - uncond); 1 = plain conditional, 0 = "
+                                         "unconditional. Default: the model's (/models default_guidance_scale: its "
+                                         "pipeline's own, e.g. SD 7.5, SD3 7.0, DiT 4.0; 1 for UNet2DModel "
+                                         "folders). On a class model it needs a class_label: a value other than 1 "
                                          "without one, or on a model that is not conditional, is a 422")
+    prompt: str | list[str] | None = Field(None, description="text models: the prompt, or one per image; a model "
+                                           "without a text encoder refuses it (422). Past the tokenizer's limit "
+                                           "(/models prompt_token_limit) it is truncated, and the response says so")
+    negative_prompt: str | list[str] | None = Field(None, description="text models: the prompt of the unconditional "
+                                                    "row of guidance, or one per image; default \"\"")
+    width: int | None = Field(None, ge=1, description="pixels; a multiple of the model's size_multiple (VAE factor "
+                              "x patch size); default: the model's default_size")
+    height: int | None = Field(None, ge=1, description="pixels, as width")
 
 
 class GenerateRequest(_Guided):
@@ -112,7 +122,15 @@ class GenerateResponse(BaseModel):
     sampler: str = "ddim"
     class_label: list[str] | None = Field(None, description="conditional models: the class of each image, by name")
     guidance_scale: float | None = Field(None, description="conditional models: w")
-    images: list[str] = Field(description="base64 PNGs, one per sample")
+    prompt: list[str] | None = Field(None, description="text models: each image's prompt")
+    negative_prompt: list[str] | None = Field(None, description="text models: each image's negative prompt")
+    prompt_truncated: list[bool] | None = Field(None, description="text models: whether each prompt was cut at "
+                                                "the tokenizer's limit")
+    negative_prompt_truncated: list[bool] | None = None
+    prompt_token_limit: int | None = None
+    width: int | None = Field(None, description="latent models: the images' width in pixels")
+    height: int | None = Field(None, description="latent models: the images' height in pixels")
+    images: list[str] = Field(description="base64 PNGs, one per sample (decoded RGB for latent models)")
     x_T: str | None = Field(None, description="with return_latents: the start latents, base64 .npy")
     x_0: str | None = Field(None, description="with return_latents: the final samples, base64 .npy")
 
@@ -137,6 +155,13 @@ class InterpolateResponse(BaseModel):
     method: str
     class_label: list[str] | None = Field(None, description="conditional models: the class of each image, by name")
     guidance_scale: float | None = Field(None, description="conditional models: w")
+    prompt: list[str] | None = None
+    negative_prompt: list[str] | None = None
+    prompt_truncated: list[bool] | None = None
+    negative_prompt_truncated: list[bool] | None = None
+    prompt_token_limit: int | None = None
+    width: int | None = None
+    height: int | None = None
     images: list[str] = Field(description="base64 PNGs, one per frame")
     x_T: str | None = Field(None, description="with return_latents: the frames' latents, base64 .npy")
 

@@ -1,5 +1,10 @@
 """The running batch: per-sample state held as tensors, so a step needs no per-sample Python loop
 (the only loop left draws step noise from the per-sample generators that the seed contract names).
+
+Samples of different shapes (latent sizes) share the batch: x holds each row flattened, zero-padded to the widest
+row, so that the per-sample update (elementwise) runs on all rows at once; the forward runs once per shape
+(rows_by_shape), on the rows viewed in their own shape. Each row carries its conditioning (cond) and its guided
+row's unconditional input (uncond) as tensors, gathered per forward.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.jobs import SampleJob
+from app.models.conditioning import Cond, take
 from app.sampling import (
     MultistepState,
     SolverPlan,
@@ -38,17 +44,19 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class ActiveBatch:
-    """x [B, C, H, W] plus each row's plan (levels a, s and network timesteps), position, eta, variance kind,
-    clipping, class label and guidance scale. Once a multistep-solver row (DPM-Solver++, UniPC) joins, every row
-    also has solver columns: its solver plan (SolverRows) and memory (MultistepState), placeholders on DDIM rows."""
+    """x [B, width] (each row's sample flattened) plus each row's plan (levels a, s and network timesteps),
+    position, eta, variance kind, clipping, conditioning and guidance scale. Once a multistep-solver row
+    (DPM-Solver++, UniPC) joins, every row also has solver columns: its solver plan (SolverRows) and memory
+    (MultistepState), placeholders on DDIM rows."""
 
-    PER_ROW = ("a", "s", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "labels", "w", "guided",
+    PER_ROW = ("a", "s", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "w", "guided",
                "multistep")
 
-    def __init__(self, device: torch.device, null_class: int | None = None) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.null_class = null_class
         self.coef_dtype = coefficient_dtype(device)
+        self.cond: Cond = {}
+        self.uncond: Cond = {}
         self.rows: list[Row] = []
         self.x: torch.Tensor | None = None
         def empty(dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
@@ -56,7 +64,7 @@ class ActiveBatch:
 
         self.a, self.s = empty(self.coef_dtype, 1), empty(self.coef_dtype, 1)
         self.model_t = empty(torch.float32, 0)
-        self.pos, self.n_steps, self.labels = (empty(torch.long) for _ in range(3))
+        self.pos, self.n_steps = (empty(torch.long) for _ in range(2))
         self.eta, self.w = empty(self.coef_dtype), empty(self.coef_dtype)
         self.large, self.clip, self.stochastic, self.guided, self.multistep = (empty(torch.bool) for _ in range(5))
         self.solver_rows: SolverRows | None = None
@@ -77,11 +85,14 @@ class ActiveBatch:
         plans = [r.job.plan for r in rows]
         width = max([self.model_t.shape[1], *(p.steps for p in plans)])
         dev = self.device
-        new_x = torch.stack([r.job.x[r.index] for r in rows])
+        old = self.x is not None and len(self.rows) > 0
+        numel = max([self.x.shape[1] if old and self.x is not None else 0, *(r.job.x[0].numel() for r in rows)])
+        new_x = torch.stack([_pad(r.job.x[r.index].flatten().float(), numel) for r in rows])
         if dev.type == "cuda":  # a pinned host buffer makes the copy truly asynchronous
             new_x = new_x.pin_memory()
         new_x = new_x.to(dev, non_blocking=True)
-        self.x = new_x if self.x is None or not len(self.rows) else torch.cat([self.x, new_x])
+        self.x = torch.cat([_pad(self.x, numel), new_x]) if old and self.x is not None else new_x
+        self._add_cond(rows)
 
         def grow(old: torch.Tensor, new: list[torch.Tensor], w: int) -> torch.Tensor:
             return torch.cat([_pad(old, w), torch.stack([_pad(v, w) for v in new]).to(dev, old.dtype)])
@@ -99,9 +110,6 @@ class ActiveBatch:
         self.large = extend(self.large, [j.large for j in jobs])
         self.clip = extend(self.clip, [j.clip_denoised for j in jobs])
         self.stochastic = extend(self.stochastic, [j.stochastic for j in jobs])
-        null = -1 if self.null_class is None else self.null_class
-        self.labels = extend(self.labels, [null if r.job.class_labels is None else int(r.job.class_labels[r.index])
-                                           for r in rows])
         self.w = extend(self.w, [j.guidance_scale for j in jobs])
         self.guided = extend(self.guided, [j.guided for j in jobs])
         self._add_solvers([j.solver for j in jobs], new_x)
@@ -120,6 +128,11 @@ class ActiveBatch:
         rows = SolverRows.from_plans([p or _NO_SOLVER for p in plans], self.device)
         state = MultistepState.initial(new_x)
         self.solver_rows = rows if self.solver_rows is None else self.solver_rows.cat(rows)
+        if self.solver_state is not None and self.solver_state.last_sample.shape[1] < new_x.shape[1]:
+            # a wider sample joined (rows are flattened and padded to the widest): the memory pads alike
+            st, width = self.solver_state, new_x.shape[1]
+            self.solver_state = MultistepState(_pad(st.history, width), _pad(st.last_sample, width),
+                                               st.lower_order_nums, st.step_index, st.this_order)
         self.solver_state = state if self.solver_state is None else self.solver_state.cat(state)
 
     def multistep_step(self, idx: torch.Tensor, x: torch.Tensor,
@@ -131,6 +144,34 @@ class ActiveBatch:
         out = multistep_update(x, model_output, multistep_coefficients(rows, state), state)
         self.solver_state = self.solver_state.put(idx, out.state)
         return out.prev_sample, out.pred_original_sample
+    def _add_cond(self, rows: list[Row]) -> None:
+        """Each new row's cond, and its uncond (its cond again where it is not guided: that slot is never read)."""
+        def rows_of(which: str) -> Cond:
+            conds = []
+            for r in rows:
+                c = getattr(r.job, which) if which == "cond" or r.job.uncond is not None else r.job.cond
+                assert c is not None, "a job joins the batch once its conditioning is set"
+                conds.append(take(c, [r.index]))
+            return {k: torch.cat([c[k] for c in conds]).to(self.device, non_blocking=True) for k in conds[0]}
+
+        for name in ("cond", "uncond"):
+            new = rows_of(name)
+            old = getattr(self, name)
+            setattr(self, name, {k: torch.cat([old[k], v]) if len(self.rows) and k in old else v
+                                 for k, v in new.items()})
+
+    def shapes(self, idx: torch.Tensor | None = None) -> list[tuple[int, ...]]:
+        """Each row's sample shape (rows idx only, when given)."""
+        rows = self.rows if idx is None else [self.rows[i] for i in idx.tolist()]
+        return [tuple(r.job.x.shape[1:]) for r in rows]
+
+    def rows_by_shape(self, idx: torch.Tensor | None = None) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
+        """The rows (positions within idx, or all rows) of each sample shape; None: every row has that shape."""
+        shapes = self.shapes(idx)
+        kinds = list(dict.fromkeys(shapes))
+        if len(kinds) == 1:
+            return [(kinds[0], None)]
+        return [(k, torch.tensor([i for i, s in enumerate(shapes) if s == k], device=self.device)) for k in kinds]
 
     def _pick(self, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         return t if idx is None else t.index_select(0, idx)
@@ -152,10 +193,11 @@ class ActiveBatch:
         assert self.x is not None
         return self._pick(self.x, idx), self.timesteps(idx), self._pick(self.clip, idx)
 
-    def conditioning(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(class labels or None for an unconditional model, guided flags, guidance scales) of rows idx."""
-        labels = None if self.null_class is None else self._pick(self.labels, idx)
-        return labels, self._pick(self.guided, idx), self._pick(self.w, idx)
+    def conditioning(self, idx: torch.Tensor | None = None) -> tuple[Cond, Cond, torch.Tensor, torch.Tensor]:
+        """(cond, uncond, guided flags, guidance scales) of rows idx."""
+        cond = self.cond if idx is None else take(self.cond, idx)
+        uncond = self.uncond if idx is None else take(self.uncond, idx)
+        return cond, uncond, self._pick(self.guided, idx), self._pick(self.w, idx)
 
     def noise(self, idx: torch.Tensor | None = None) -> torch.Tensor | None:
         """This step's noise for rows idx: one draw from each stochastic row's own generator, in step order."""
@@ -164,12 +206,13 @@ class ActiveBatch:
             return None
         rows = stochastic.nonzero().squeeze(1).tolist()  # the loop runs over stochastic rows only
         order = None if idx is None else idx.tolist()
-        shape = (1, *self.x.shape[1:])
-        noise = torch.zeros((len(stochastic), *shape[1:]), dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        width = self.x.shape[1]
+        noise = torch.zeros((len(stochastic), width), dtype=torch.float32, pin_memory=self.device.type == "cuda")
         for k in rows:
             r = self.rows[k if order is None else order[k]]
             assert r.job.generators is not None
-            noise[k] = torch.randn(shape, generator=r.job.generators[r.index])[0]
+            z = torch.randn((1, *r.job.x.shape[1:]), generator=r.job.generators[r.index]).flatten()
+            noise[k, :z.numel()] = z
         return noise.to(self.device, non_blocking=True)
 
     def advance(self, x_next: torch.Tensor, idx: torch.Tensor | None = None) -> list[Row]:
@@ -187,7 +230,7 @@ class ActiveBatch:
         finished = [r for r, d in zip(self.rows, done.tolist()) if d]
         out = self.x[done].float().cpu()
         for r, xi in zip(finished, out):
-            r.job.out[r.index] = xi
+            r.job.out[r.index] = xi[:r.job.out[r.index].numel()].view_as(r.job.out[r.index])
         self.keep(~done)
         return finished
 
@@ -206,3 +249,4 @@ class ActiveBatch:
                 self.solver_rows = self.solver_state = None
             else:
                 self.solver_rows, self.solver_state = self.solver_rows.select(idx), self.solver_state.select(idx)
+        self.cond, self.uncond = take(self.cond, idx), take(self.uncond, idx)

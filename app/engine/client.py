@@ -101,7 +101,7 @@ class Engine:
         s = self.settings
         try:
             model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                               channels_last=channels_last)
+                               channels_last=channels_last, prompt_cache_size=s.prompt_cache_size)
             warm_up(model, s, budget_from=started)
             worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                                  batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
@@ -183,14 +183,22 @@ class Engine:
         return torch.tensor(out, dtype=torch.long)
 
     @staticmethod
-    def _guidance(labels: torch.Tensor | None, w: float) -> dict[str, object]:
-        """w = 0 is the unconditional prediction itself, so it runs as such (no second row)."""
+    def _guidance(labels: torch.Tensor | None, w: float, prompts: list[str] | None = None,
+                  negative_prompts: list[str] | None = None) -> dict[str, object]:
+        """w = 0 is the unconditional prediction itself (the null label, or the negative prompts), so it runs as
+        such (no second row)."""
+        if prompts is not None:
+            negative = negative_prompts or [""] * len(prompts)
+            if w == 0:
+                return {"texts": negative, "guidance_scale": 1.0}
+            return {"texts": prompts, "negative_texts": negative if w != 1 else None, "guidance_scale": w}
         if labels is None or w == 0:
             return {"class_labels": None, "guidance_scale": 1.0}
         return {"class_labels": labels, "guidance_scale": w}
 
-    def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str) -> torch.Tensor:
-        want = (n, *model.sample_shape)
+    def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str,
+                      shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        want = (n, *(shape or model.sample_shape))
         if tuple(x.shape) != want:
             raise InvalidRequest(field, f"{field} must have shape {want}, got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
@@ -201,9 +209,12 @@ class Engine:
     def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str | None,
                      seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
                      endpoint: str = "generate", class_labels: torch.Tensor | None = None,
-                     guidance_scale: float = 1.0, sampler: str = "ddim",
-                     solver_order: int | None = None) -> tuple[SampleJob, int | None]:
-        """A validated generation job; the seed (chosen at random if None) is returned with it."""
+                     guidance_scale: float = 1.0, shape: tuple[int, int, int] | None = None,
+                     prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
+                     sampler: str = "ddim", solver_order: int | None = None) -> tuple[SampleJob, int | None]:
+        """A validated generation job; the seed (chosen at random if None) is returned with it. shape: the
+        stepper's sample shape (default: the model's); prompts (and negative_prompts) [n]: a text model's;
+        sampler: ddim, or a multistep solver (its plan then rides on the job)."""
         if large and model.kind != "vp":
             raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat) is defined for VP models only; "
                                              f"model {model.name!r} is a {model.kind} model")
@@ -222,14 +233,15 @@ class Engine:
             if seed is None:
                 seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
             gens = sample_generators(seed, n)
-            drawn = draw(gens, model.sample_shape)
-            x_T = drawn if x_T is None else self.check_latents(model, x_T, n, "x_T")
+            drawn = draw(gens, shape or model.sample_shape)
+            x_T = drawn if x_T is None else self.check_latents(model, x_T, n, "x_T", shape)
         else:
-            x_T = self.check_latents(model, x_T, n, "x_T")
+            x_T = self.check_latents(model, x_T, n, "x_T", shape)
         clip_denoised = model.clip_sample if clip is None else clip
         job = SampleJob("generate", x_T, seq, eta=eta, large=large, clip_denoised=clip_denoised and solver is None,
-                        generators=gens if stochastic else None, endpoint=endpoint, solver=solver,
-                        **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
+                        generators=gens if stochastic else None, endpoint=endpoint, decode=model.codec is not None,
+                        solver=solver, **self._guidance(class_labels, guidance_scale, prompts,
+                                                        negative_prompts))  # type: ignore[arg-type]
         return job, seed
 
     def _check_n(self, n: int, field: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.errors import EngineError, JobCancelled, QueueFull
+from app.models.conditioning import Cond
 from app.sampling import Direction, Plan, SolverPlan, is_stochastic
 
 __all__ = ["EngineError", "JobCancelled", "JobResult", "QueueFull", "SampleJob"]
@@ -35,6 +36,11 @@ class SampleJob:
     large variance, generators hold one torch.Generator per sample (the seed contract).
     class_labels [n] are a conditional model's labels (None: its null label, unconditional); with a
     guidance_scale other than 1 each sample also gets an unconditional row in the same forward.
+    A text model's job gives texts [n] (and negative_texts [n] when guided). The worker turns labels or texts into
+    cond [n, ...], what each row's forward is conditioned on (per denoiser keyword), and uncond, the unconditional
+    row's input of a guided sample, when it admits the job (texts of jobs admitted together: one encode).
+    x is in the stepper's space (latents for a latent pipeline): with decode, the worker decodes the final samples
+    into images when the job finishes.
     """
 
     direction: Direction
@@ -49,6 +55,12 @@ class SampleJob:
     class_labels: torch.Tensor | None = None
     guidance_scale: float = 1.0
     solver: SolverPlan | None = None  # a multistep sampler's plan (plan then holds its levels); None: DDIM
+    cond: Cond | None = None  # set at admission
+    uncond: Cond | None = None
+    texts: list[str] | None = None
+    negative_texts: list[str] | None = None
+    decode: bool = False
+    images: torch.Tensor | None = None  # the decoded final samples, with decode
     # progress: called from the worker thread after each step with (steps done, x0 predictions or None); the x0
     # predictions [n, C, H, W] come every preview_every steps (0: never)
     on_progress: Callable[[int, torch.Tensor | None], None] | None = None
@@ -82,7 +94,7 @@ class SampleJob:
     @property
     def guided(self) -> bool:
         """Classifier-free guidance: a conditional and an unconditional row per sample."""
-        return self.class_labels is not None and self.guidance_scale != 1.0
+        return self.guidance_scale != 1.0 and (self.class_labels is not None or self.texts is not None)
 
     @property
     def rows_per_sample(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -12,9 +13,11 @@ from app.engine.jobs import SampleJob
 log = logging.getLogger(__name__)
 
 
-def report_progress(b: ActiveBatch, idx: torch.Tensor | None, x0: torch.Tensor) -> None:
+def report_progress(b: ActiveBatch, idx: torch.Tensor | None, x0: torch.Tensor,
+                    decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Tell each stepped job that wants progress how many steps its slowest stepped sample has done, with
-    its x0 predictions every preview_every steps."""
+    its x0 predictions every preview_every steps (x0 [B, width] flattened rows; decoded into images where the
+    model has a codec)."""
     rows = b.rows if idx is None else [b.rows[i] for i in idx.tolist()]
     if not any(r.job.on_progress is not None for r in rows):
         return
@@ -30,7 +33,11 @@ def report_progress(b: ActiveBatch, idx: torch.Tensor | None, x0: torch.Tensor) 
             continue
         job.reported = steps
         every = job.preview_every
-        preview = x0[at[job]].float().cpu() if every and (steps % every == 0 or steps == job.steps) else None
+        preview = None
+        if every and (steps % every == 0 or steps == job.steps):
+            shape = tuple(job.x.shape[1:])
+            preview = x0[at[job], :job.x[0].numel()].float().reshape(-1, *shape)
+            preview = (preview if decode is None else decode(preview)).cpu()
         try:
             job.on_progress(steps, preview)  # type: ignore[misc]
         except Exception:  # a listener's failure is not the step's

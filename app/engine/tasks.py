@@ -6,6 +6,7 @@
   then one generation job over the frames.
 
 Everything a task needs is validated by prepare(), before any job is queued: a bad request never costs a step.
+On a latent pipeline x_T and x_0 are latents, and the images (the worker decodes them) come beside them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from app.config import Settings
 from app.engine.errors import InvalidRequest
 from app.engine.handle import Outcome, RequestHandle
+from app.engine.inputs import prompt_fields, sample_shape, texts_of
 from app.engine.jobs import SampleJob
 from app.models import LoadedModel
 from app.sampling import Direction, Plan, SolverPlan, Spacing, draw, lerp, sample_generators, slerp
@@ -26,6 +28,7 @@ from app.sampling import Direction, Plan, SolverPlan, Spacing, draw, lerp, sampl
 __all__ = ["End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work", "prepare"]
 
 ClassLabel = int | str | list[int | str] | None
+Text = str | list[str] | None
 
 
 class Engine(Protocol):
@@ -42,7 +45,8 @@ class Engine(Protocol):
     def class_labels(self, model: LoadedModel, class_label: ClassLabel, n: int,
                      field: str = "class_label") -> torch.Tensor | None: ...
 
-    def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str) -> torch.Tensor: ...
+    def check_latents(self, model: LoadedModel, x: torch.Tensor, n: int, field: str,
+                      shape: tuple[int, ...] | None = None) -> torch.Tensor: ...
 
     def check_solver(self, model: LoadedModel, sampler: str, steps: int, schedule: str | None, order: int | None,
                      eta: float, large: bool, clip: bool | None) -> tuple[SolverPlan, Plan]: ...
@@ -50,8 +54,9 @@ class Engine(Protocol):
     def generate_job(self, model: LoadedModel, *, n: int, steps: int, eta: float, large: bool, schedule: str | None,
                      seed: int | None, x_T: torch.Tensor | None = None, clip: bool | None = None,
                      endpoint: str = "generate", class_labels: torch.Tensor | None = None,
-                     guidance_scale: float = 1.0, sampler: str = "ddim",
-                     solver_order: int | None = None) -> tuple[SampleJob, int | None]: ...
+                     guidance_scale: float = 1.0, shape: tuple[int, int, int] | None = None,
+                     prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
+                     sampler: str = "ddim", solver_order: int | None = None) -> tuple[SampleJob, int | None]: ...
 
     def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str | None,
                    endpoint: str = "invert", class_labels: torch.Tensor | None = None,
@@ -68,13 +73,18 @@ class _Common:
     steps: int = 50
     schedule: str | None = None
     class_label: ClassLabel = None
-    guidance_scale: float | None = None  # None: the model's default (1, no guidance)
+    guidance_scale: float | None = None  # None: the model's default (its pipeline's; 1, no guidance, for UNet2DModel)
     preview_every: int = 0
+    prompt: Text = None  # text models: one, or one per image
+    negative_prompt: Text = None  # default ""
+    width: int | None = None  # pixels; None: the model's default size
+    height: int | None = None
+    default_w: float = field(default=1.0, init=False)  # set by prepare: the model's default, where it applies
 
     @property
     def w(self) -> float:
         """The guidance scale this work runs with."""
-        return 1.0 if self.guidance_scale is None else self.guidance_scale
+        return self.default_w if self.guidance_scale is None else self.guidance_scale
 
 
 @dataclass
@@ -141,6 +151,11 @@ def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[s
     if model.conditional:
         out["class_label"] = None if labels is None else [model.class_names[int(i)] for i in labels]
         out["guidance_scale"] = work.w
+    if model.conditioning == "text":
+        out["guidance_scale"] = work.w
+    if model.codec is not None:
+        _, h, w = sample_shape(model, work)
+        out["width"], out["height"] = w * model.codec.factor, h * model.codec.factor
     return out
 
 
@@ -149,6 +164,8 @@ def prepare(engine: Engine, work: Work) -> Prepared:
     model = engine.model(work.model)
     if work.preview_every < 0:
         raise InvalidRequest("preview_every", "preview_every must be 0 (none) or a positive number of steps")
+    if model.conditioning == "text" or work.class_label is not None:
+        work.default_w = model.default_guidance
     _check_effective(model, work)
     if isinstance(work, GenerateWork):
         prepared = _prepare_generate(engine, model, work)
@@ -170,7 +187,20 @@ def _size(work: Work) -> int:
 
 def _check_effective(model: LoadedModel, work: Work) -> None:
     """A value that could not change the result is a 422 naming its field, not a silent no-op."""
-    if work.w != 1:
+    if model.conditioning != "text":
+        for name in ("prompt", "negative_prompt"):
+            if getattr(work, name) is not None:
+                raise InvalidRequest(name, f"model {model.name!r} has no text encoder: {name} has no effect on it; "
+                                           "leave it out")
+    if model.codec is not None:
+        ends = [] if not isinstance(work, InterpolateWork) else [
+            f"{name}.image" for name, e in (("start", work.start), ("end", work.end)) if e.image is not None]
+        if isinstance(work, InvertWork) or ends:
+            raise InvalidRequest("images" if isinstance(work, InvertWork) else ends[0],
+                                 f"model {model.name!r} is a latent pipeline: inverting images is not served for it "
+                                 "yet (the next issue adds it)")
+    sample_shape(model, work)
+    if work.w != 1 and model.conditioning != "text":
         if not model.conditional:
             raise InvalidRequest("guidance_scale", f"model {model.name!r} is not class-conditional: guidance_scale "
                                                    "has no effect on it; leave it out")
@@ -190,7 +220,8 @@ def _check_effective(model: LoadedModel, work: Work) -> None:
 def _check_work(engine: Engine, work: Work, prepared: Prepared) -> None:
     """The work cap: samples x steps over the whole task, a guided sample counting twice."""
     n = prepared.n
-    rows = 2 if work.class_label is not None and work.w not in (0.0, 1.0) else 1
+    conditioned = work.class_label is not None or engine.model(work.model).conditioning == "text"
+    rows = 2 if conditioned and work.w not in (0.0, 1.0) else 1
     cost, cap = n * prepared.steps * rows, engine.settings.max_work
     if cost > cap:
         field_name = {"generate": "n", "invert": "images", "interpolate": "frames"}[work.task]
@@ -208,18 +239,23 @@ def _check_n(engine: Engine, n: int, field_name: str) -> None:
 def _prepare_generate(engine: Engine, model: LoadedModel, work: GenerateWork) -> Prepared:
     _check_n(engine, work.n, "n")
     labels = engine.class_labels(model, work.class_label, work.n)
+    texts = texts_of(model, work, work.n)
     job, seed = engine.generate_job(model, n=work.n, steps=work.steps, eta=work.eta, large=work.variance == "large",
                                     schedule=work.schedule, seed=work.seed, x_T=work.x_T, clip=work.clip_denoised,
-                                    class_labels=labels, guidance_scale=work.w, sampler=work.sampler,
+                                    class_labels=labels, guidance_scale=work.w, shape=sample_shape(model, work),
+                                    prompts=None if texts is None else texts[0],
+                                    negative_prompts=None if texts is None else texts[1], sampler=work.sampler,
                                     solver_order=work.solver_order)
     job.preview_every = work.preview_every
     x_T = job.x.clone()
-    fields = {**_echo(model, work, labels), "seed": seed, "n": work.n, "eta": work.eta, "variance": work.variance}
+    fields = {**_echo(model, work, labels), **prompt_fields(model, texts), "seed": seed, "n": work.n,
+              "eta": work.eta, "variance": work.variance}
 
     async def run(handle: RequestHandle) -> Outcome:
         x_0 = await engine.run(model, _listen(job, handle), handle)
         engine.count_images(model, "generate", work.n)
-        return Outcome(fields, {"x_T": x_T, "x_0": x_0})
+        images = {} if job.images is None else {"images": job.images}
+        return Outcome(fields, {"x_T": x_T, "x_0": x_0, **images})
 
     return Prepared(model, work.steps, run, [job])
 
@@ -251,13 +287,14 @@ def _prepare_invert(engine: Engine, model: LoadedModel, work: InvertWork) -> Pre
     return Prepared(model, work.steps * (2 if work.return_reconstruction else 1), run, [job])
 
 
-def _end_latent(engine: Engine, model: LoadedModel, end: End, field_name: str) -> torch.Tensor | None:
+def _end_latent(engine: Engine, model: LoadedModel, end: End, field_name: str,
+                shape: tuple[int, int, int]) -> torch.Tensor | None:
     """The latent of a seed or x_T end [C, H, W]; None for an image end (it is inverted first)."""
     if end.seed is not None:
-        return draw(sample_generators(end.seed, 1), model.sample_shape)[0]
+        return draw(sample_generators(end.seed, 1), shape)[0]
     if end.x_T is not None:
         x = end.x_T[None] if end.x_T.dim() == 3 else end.x_T
-        return engine.check_latents(model, x, 1, f"{field_name}.x_T")[0]
+        return engine.check_latents(model, x, 1, f"{field_name}.x_T", shape)[0]
     return None
 
 
@@ -273,14 +310,16 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
             raise InvalidRequest("sampler", "image ends are inverted with DDIM, and only DDIM generates them back; "
                                             "use sampler 'ddim' with image ends")
     labels = engine.class_labels(model, work.class_label, work.frames)
-    ends = {name: (end, _end_latent(engine, model, end, name)) for name, end in (("start", work.start),
-                                                                                  ("end", work.end))}
+    texts, shape = texts_of(model, work, work.frames), sample_shape(model, work)
+    ends = {name: (end, _end_latent(engine, model, end, name, shape)) for name, end in (("start", work.start),
+                                                                                         ("end", work.end))}
     inversions = {name: engine.invert_job(model, end.image[None], steps=work.steps, schedule=work.schedule,
                                           class_labels=None if labels is None else labels[[k]],
                                           guidance_scale=work.w)
                   for (name, (end, latent)), k in zip(ends.items(), (0, -1))
                   if latent is None and end.image is not None}
-    fields = {**_echo(model, work, labels), "frames": work.frames, "method": work.method}
+    fields = {**_echo(model, work, labels), **prompt_fields(model, texts), "frames": work.frames,
+              "method": work.method}
     offset = work.steps if inversions else 0
     mix = slerp if work.method == "slerp" else lerp
 
@@ -293,11 +332,13 @@ def _prepare_interpolate(engine: Engine, model: LoadedModel, work: InterpolateWo
         latents = torch.stack([mix(x0, x1, i / (work.frames - 1)) for i in range(work.frames)])
         job, _ = engine.generate_job(model, n=work.frames, steps=work.steps, eta=0.0, large=False,
                                      schedule=work.schedule, seed=None, x_T=latents, class_labels=labels,
-                                     guidance_scale=work.w, sampler=work.sampler, solver_order=work.solver_order)
+                                     guidance_scale=work.w, shape=shape, prompts=None if texts is None else texts[0],
+                                     negative_prompts=None if texts is None else texts[1], sampler=work.sampler,
+                                     solver_order=work.solver_order)
         job.preview_every = work.preview_every
         frames = await engine.run(model, _listen(job, handle, offset), handle)
         engine.count_images(model, "interpolate", work.frames)
-        return Outcome(fields, {"frames": frames, "x_T": latents})
+        return Outcome(fields, {"frames": frames if job.images is None else job.images, "x_T": latents})
 
     return Prepared(model, offset + work.steps, run, list(inversions.values()))
 

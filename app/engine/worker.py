@@ -4,6 +4,11 @@ Requests with different S, eta, variance, schedules and directions share each fo
 new sample joins the running batch at the next step. The worker owns its queue and its thread;
 callers only submit() and wait on the job's future. With priority "short-first" (app/engine/priority.py)
 far shorter jobs are stepped ahead of long ones.
+
+The worker never asks which pipeline it runs: a job's labels or texts become per-row cond tensors when it is
+admitted (the model's conditioner encodes the texts of jobs admitted together in one forward, through its cache),
+each forward is model.eps(x, t, cond) over the rows of one sample shape, and where the model has a codec the
+final samples of the jobs finishing on a step are decoded together.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import torch
 
 from app.engine.batch import ActiveBatch, Row
 from app.engine.faults import free_cached, is_out_of_memory, nonfinite_rows
+from app.engine.forward import predict
 from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob, resolve
 from app.engine.priority import ShortFirst
 from app.engine.progress import report_progress
+from app.engine.stages import Stages
 from app.metrics import Metrics
 from app.models import LoadedModel
-from app.sampling import guide, take_step
+from app.sampling import take_step
 from app.startup.openmp import release_thread_team
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ class BatchWorker:
         self.short_first = ShortFirst(max_batch_size, max_defer_steps) \
             if priority == "short-first" and batching == "step" else None
         self.waiting: deque[Row] = deque()
-        self.batch = ActiveBatch(model.device, model.null_class)
+        self.batch = ActiveBatch(model.device)
         self._cond = threading.Condition()
         self._stop = False
         self._cancel_pending = False
@@ -56,6 +63,7 @@ class BatchWorker:
         self._forward_seconds = metrics.forward_seconds.labels(name)
         self._sample_steps = metrics.sample_steps.labels(name)
         self._queue_wait = metrics.queue_wait.labels(name)
+        self.stages = Stages(model, metrics)
 
     # -- the interface callers see -------------------------------------------------------------
     def start(self) -> None:
@@ -100,10 +108,16 @@ class BatchWorker:
 
     # -- the loop ------------------------------------------------------------------------------
     def _admit(self) -> None:
+        """Admit waiting rows into the batch (the loop does the two halves apart: _take under the lock, _join
+        outside it, so that encoding prompts never holds up submit)."""
+        self._join(self._take())
+
+    def _take(self) -> list[Row]:
         """FIFO admission up to max_batch_size (request mode: only into an empty batch); short-first
-        also lets short jobs past a full batch of far longer ones (see _short_overtakers)."""
+        also lets short jobs past a full batch of far longer ones (see _short_overtakers). Returns the rows
+        admitted, which _join conditions and adds to the batch outside the lock."""
         if self.batching == "request" and len(self.batch):
-            return
+            return []
         rows: list[Row] = []
         free = self.max_batch_size - self.batch.forward_rows  # a guided sample takes two rows of a forward
         while self.waiting and free > 0:
@@ -124,7 +138,13 @@ class BatchWorker:
             if r.job.first_step_at is None:
                 r.job.first_step_at = now
             self._queue_wait.observe(now - r.job.submitted_at)
-        self.batch.add(rows)
+        return rows
+
+    def _join(self, rows: list[Row]) -> None:
+        """Condition the newly admitted jobs, then add their rows to the batch (a step boundary)."""
+        failed = self.stages.condition(list({id(r.job): r.job for r in rows}.values()))
+        self._fail_each(failed, "encode_error")
+        self.batch.add([r for r in rows if r.job not in failed])
 
     def _drop_cancelled(self) -> None:
         """Remove cancelled jobs' samples (only scanned after a cancel() call)."""
@@ -152,18 +172,7 @@ class BatchWorker:
         return chosen[:keep]
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        """One forward over rows idx; a guided sample adds an unconditional row to the same forward, and its
-        prediction is uncond + w (cond - uncond)."""
-        labels, guided, w = self.batch.conditioning(idx)
-        if labels is None or not bool(guided.any()):
-            return self.model.eps(x, t, labels)
-        g = guided.nonzero().squeeze(1)
-        null = torch.full((len(g),), self.batch.null_class or 0, dtype=labels.dtype, device=labels.device)
-        out = self.model.eps(torch.cat([x, x.index_select(0, g)]), torch.cat([t, t.index_select(0, g)]),
-                             torch.cat([labels, null]))
-        cond, uncond = out[:len(x)], out[len(x):]
-        return cond.index_copy(0, g.to(cond.device), guide(cond.index_select(0, g.to(cond.device)), uncond,
-                                                           w.index_select(0, g)))
+        return predict(self.model, self.batch, x, t, idx)
 
     def step(self) -> None:
         """One forward over the chosen active samples, then each sample's own update."""
@@ -193,7 +202,7 @@ class BatchWorker:
             x_next, x0 = x_next.index_copy(0, sub, solved.to(x_next.dtype)), x0.index_copy(0, sub, solved_x0)
         bad = nonfinite_rows(x_next)
         broken = set() if bad is None else {self._row(idx, int(k)).job for k in bad.tolist()}
-        report_progress(self.batch, idx, x0)
+        report_progress(self.batch, idx, x0, None if self.model.codec is None else self.model.codec.decode)
         self._batch_size.observe(rows)
         self._forward_seconds.observe(forward)
         self._sample_steps.inc(len(x))
@@ -203,10 +212,15 @@ class BatchWorker:
             self._fail_jobs(broken, "non_finite", f"model {self.model.name!r} produced non-finite values (NaN or "
                                                   "inf) in this request's samples; the model or its weights are broken")
         self._gauges()  # before any result is out, so a client never reads a stale gauge
+        done = []
         for row in finished:
-            job = row.job
-            job.remaining -= 1
-            if job.remaining == 0 and job not in broken:
+            row.job.remaining -= 1
+            if row.job.remaining == 0 and row.job not in broken:
+                done.append(row.job)
+        failed = self.stages.decode([j for j in done if j.decode])
+        self._fail_each(failed, "decode_error")
+        for job in done:
+            if job not in failed:
                 now = time.monotonic()
                 first = job.first_step_at or now
                 resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
@@ -246,6 +260,10 @@ class BatchWorker:
         with self._cond:
             self.waiting = deque(r for r in self.waiting if r.job not in jobs)
         self._gauges()
+
+    def _fail_each(self, failed: dict[SampleJob, str], cause: str) -> None:
+        for job, message in failed.items():
+            self._fail_jobs({job}, cause, message)
 
     def _fail_active(self, error: BaseException) -> None:
         for job in {id(r.job): r.job for r in self.batch.rows}.values():
@@ -292,8 +310,9 @@ class BatchWorker:
                     if self._stop:
                         break
                     self._drop_cancelled()
-                    self._admit()
-                    self._gauges()
+                    rows = self._take()
+                self._join(rows)
+                self._gauges()
                 if len(self.batch):
                     self.step()
             except Exception as e:  # a failed step fails the samples it held, never the worker

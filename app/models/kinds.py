@@ -24,7 +24,10 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscrete
                  "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
                  "HeunDiscreteScheduler", "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
                  "KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler")
-CONFIG_FILES = {"scheduler": "scheduler_config.json"}  # every other component keeps a config.json
+# every other component keeps a config.json
+CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json",
+                "tokenizer_2": "tokenizer_config.json", "tokenizer_3": "tokenizer_config.json"}
+CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
 class ModelStoreError(ValueError):
@@ -44,9 +47,9 @@ class PipelineKind:
     optional: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        parts = [f"{slot}: {' | '.join(classes) if len(classes) < 4 else 'a scheduler config'}"
-                 for slot, classes in self.components.items()]
-        return f"{self.name} ({'; '.join(parts)})"
+        """The pipeline and its denoiser, short enough for a one-line refusal (docs/models.md has the rest)."""
+        slot, classes = next(iter(self.components.items()))
+        return f"{self.name} ({slot}: {' | '.join(classes)})"
 
 
 KINDS: dict[str, PipelineKind] = {}
@@ -59,6 +62,18 @@ def register(kind: PipelineKind) -> PipelineKind:
 
 
 register(PipelineKind("DDPMPipeline", {"unet": ("UNet2DModel",), "scheduler": VP_SCHEDULERS + FLOW_SCHEDULERS}))
+# Latent pipelines (app/models/pipelines.py loads them): a denoiser, an AutoencoderKL, and text encoders or classes.
+register(PipelineKind("StableDiffusionPipeline", {
+    "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
+    "tokenizer": CLIP_TOKENIZERS, "scheduler": VP_SCHEDULERS}))
+register(PipelineKind("StableDiffusion3Pipeline", {
+    "transformer": ("SD3Transformer2DModel",), "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModelWithProjection",), "tokenizer": CLIP_TOKENIZERS,
+    "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer_2": CLIP_TOKENIZERS,
+    "text_encoder_3": ("T5EncoderModel",), "tokenizer_3": ("T5TokenizerFast", "T5Tokenizer"),
+    "scheduler": FLOW_SCHEDULERS}, optional=("text_encoder_3", "tokenizer_3")))
+register(PipelineKind("DiTPipeline", {
+    "transformer": ("DiTTransformer2DModel",), "vae": ("AutoencoderKL",), "scheduler": VP_SCHEDULERS}))
 
 
 def supported() -> str:

@@ -5,10 +5,11 @@ v = eps - x0 at timestep num_train_timesteps sigma); any other scheduler config 
 A UNet2DModel with num_class_embeds is class-conditional: its last class row is the null label of
 classifier-free guidance, and model_index.json may name the others in id2label (as DiTPipeline does).
 
-Two layouts are accepted, as found on the Hub:
-- nested: model_index.json, unet/config.json, unet/<weights>, scheduler/scheduler_config.json
-- flat (google/ddpm-cifar10-32): config.json, <weights>, scheduler_config.json
-Weights are diffusion_pytorch_model.safetensors; a pickled .bin loads only with allow_pickle.
+A UNet2DModel folder comes in either layout found on the Hub, nested or flat (app/models/unet.py reads it).
+
+Latent pipelines (StableDiffusionPipeline, StableDiffusion3Pipeline, DiTPipeline) load as parts (app/models/
+pipelines.py): the same LoadedModel, whose eps(x, t, cond) calls their denoiser with per-row cond tensors, with a
+codec (their VAE) and a conditioner (text encoders) beside it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
-from safetensors.torch import load_file
+from diffusers import ModelMixin
 
+from app.models.codec import LatentCodec
+from app.models.conditioning import Cond, TextConditioner
+from app.models.denoiser import Conditioning, Denoiser, Parts
 from app.models.fast import Forward, bf16_supported
 from app.models.kinds import ModelStoreError, check_folder, check_store, read_json
+from app.models.pipelines import load_parts
+from app.models.unet import ModelFiles, load_unet
 from app.sampling import (
     FLOW_SPACINGS,
     SOLVER_SPACINGS,
@@ -49,12 +54,7 @@ from app.sampling import (
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddim", "dpmsolver++", "unipc")  # ddim: the generalized step of app/sampling/step.py (the default)
-
-SAFETENSORS = "diffusion_pytorch_model.safetensors"
-PICKLE = "diffusion_pytorch_model.bin"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Attention parameter names of checkpoints saved before diffusers 0.14 (google/ddpm-* among them).
-_OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -68,52 +68,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class ModelFiles:
-    """Where a model folder keeps its three parts."""
-
-    root: Path
-    unet_config: Path
-    weights: Path
-    scheduler_config: Path
-
-    @classmethod
-    def find(cls, root: Path, allow_pickle: bool = False) -> ModelFiles:
-        nested = (root / "model_index.json").exists() or (root / "unet").is_dir()
-        if nested:
-            read_json(root / "model_index.json")
-            unet_dir, sched = root / "unet", root / "scheduler" / "scheduler_config.json"
-        else:
-            unet_dir, sched = root, root / "scheduler_config.json"
-        weights = unet_dir / SAFETENSORS
-        if not weights.is_file():
-            if (unet_dir / PICKLE).is_file():
-                if not allow_pickle:
-                    raise ModelStoreError(
-                        f"{unet_dir / PICKLE}: pickled weights can run arbitrary code; convert them to "
-                        f"{SAFETENSORS} or set DDIM_ALLOW_PICKLE=1 if you trust this file")
-                weights = unet_dir / PICKLE
-            else:
-                raise ModelStoreError(f"{weights}: missing file")
-        return cls(root, unet_dir / "config.json", weights, sched)
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelStoreError(f"{path}: cannot read weights ({e})") from e
-    renamed = {}
-    for k, v in state.items():
-        for old, new in _OLD_ATTENTION.items():
-            k = k.replace(old, new)
-        renamed[k] = v
-    return renamed
-
-
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -122,7 +76,7 @@ class LoadedModel:
     """A denoising network on its device, with its path (VP alpha-bar table or flow shift) and sampling defaults."""
 
     name: str
-    unet: UNet2DModel
+    unet: ModelMixin  # the denoising network: a UNet2DModel, or a pipeline's UNet or transformer
     scheduler_config: dict[str, Any]
     alphas_cumprod: torch.Tensor | None  # VP only
     device: torch.device
@@ -130,6 +84,73 @@ class LoadedModel:
     path: Path
     channels_last: bool = False
     class_names: tuple[str, ...] = ()
+    parts: Parts | None = None  # a latent pipeline's codec, conditioner and defaults
+
+    @property
+    def codec(self) -> LatentCodec | None:
+        return None if self.parts is None else self.parts.codec
+
+    @property
+    def conditioner(self) -> TextConditioner | None:
+        return None if self.parts is None else self.parts.conditioner
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """What a request conditions on: nothing, a class, or text."""
+        if self.parts is not None:
+            return self.parts.conditioning
+        return "class" if self.conditional else "none"
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale of a request that gives none: the pipeline's own (1, none, for a UNet2DModel)."""
+        return 1.0 if self.parts is None else self.parts.guidance_scale
+
+    @property
+    def size_step(self) -> int:
+        """Pixel sizes are multiples of this: the codec's factor times the denoiser's patch size."""
+        return 1 if self.parts is None or self.codec is None else self.codec.factor * self.parts.patch
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The default (height, width) of a decoded image."""
+        _, h, w = self.sample_shape
+        f = 1 if self.codec is None else self.codec.factor
+        return h * f, w * f
+
+    def latent_shape(self, width: int | None, height: int | None) -> tuple[int, int, int]:
+        """The stepper's sample shape for images of width x height pixels (None: the default); ValueError naming
+        the field for a size this model cannot make."""
+        c, h, w = self.sample_shape
+        if width is None and height is None:
+            return c, h, w
+        step, (dh, dw) = self.size_step, self.image_size
+        fixed = self.parts is None or self.parts.pipeline == "DiTPipeline"
+        for name, v, default in (("width", width, dw), ("height", height, dh)):
+            if v is None:
+                continue
+            if fixed and v != default:
+                raise ValueError(f"{name}: model {self.name!r} makes {dw}x{dh} images only, got {name} {v}")
+            if v % step or v < step:
+                raise ValueError(f"{name}: must be a positive multiple of {step} (the VAE factor x patch size) on "
+                                 f"model {self.name!r}, got {v}")
+        f = 1 if self.codec is None else self.codec.factor
+        return c, (height or dh) // f, (width or dw) // f
+
+    def label_cond(self, labels: torch.Tensor | None, n: int) -> Cond:
+        """The per-row cond of class labels [n] (None: the null label, unconditional); empty for a model that
+        takes no class."""
+        if self.conditioning != "class":
+            return {}
+        if labels is None:
+            labels = torch.full((n,), self.null_class or 0, dtype=torch.long)
+        return {"class_labels": labels}
+
+    def null_cond(self, n: int) -> Cond:
+        """n rows of the unconditional input (warm-up forwards)."""
+        if self.parts is not None and self.parts.null_cond is not None:
+            return {k: v.expand(n, *v.shape[1:]) for k, v in self.parts.null_cond.items()}
+        return self.label_cond(None, n)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -150,6 +171,11 @@ class LoadedModel:
         return "flow" if self.kind == "flow" else str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
+    def steps_offset(self) -> int:
+        """Added to leading timesteps, as diffusers' DDIMScheduler does (pipelines only; 0 for UNet2DModel folders)."""
+        return int(self.scheduler_config.get("steps_offset", 0)) if self.parts is not None else 0
+
+    @property
     def clip_sample(self) -> bool:
         return self.kind == "vp" and bool(self.scheduler_config.get("clip_sample", True))
 
@@ -168,15 +194,23 @@ class LoadedModel:
     @property
     def spacings(self) -> tuple[str, ...]:
         """The schedule names this model samples with; the first is its default."""
-        return FLOW_SPACINGS if self.kind == "flow" else SPACINGS
+        if self.kind == "flow":
+            return FLOW_SPACINGS
+        own = self.scheduler_config.get("timestep_spacing", "leading") if self.parts is not None else None
+        return (own, *(s for s in SPACINGS if s != own)) if own in SPACINGS else SPACINGS
 
     @property
     def conditional(self) -> bool:
+        """Class-conditional (a UNet2DModel with num_class_embeds, or DiT)."""
+        if self.parts is not None:
+            return self.parts.conditioning == "class"
         return self.unet.config.num_class_embeds is not None
 
     @property
     def null_class(self) -> int | None:
         """The reserved unconditional label: the class embedding's last row."""
+        if self.parts is not None:
+            return self.parts.null_class
         return int(self.unet.config.num_class_embeds) - 1 if self.conditional else None
 
     def plan(self, steps: int, spacing: str, direction: Direction) -> Plan:
@@ -188,7 +222,15 @@ class LoadedModel:
             return flow_plan(flow_sigmas(steps, self.num_train_timesteps, self.shift or 1.0),
                              self.num_train_timesteps, direction)
         assert self.alphas_cumprod is not None
-        return vp_plan(self.alphas_cumprod, timestep_sequence(steps, self.num_train_timesteps, spacing), direction)
+        seq = timestep_sequence(steps, self.num_train_timesteps, spacing)
+        if self.parts is None:
+            return vp_plan(self.alphas_cumprod, seq, direction)
+        # diffusers' DDIMScheduler: leading timesteps shifted by steps_offset, and the last step ends at alpha-bar_0
+        # unless set_alpha_to_one
+        if spacing in ("leading", "uniform"):
+            seq = (seq + self.steps_offset).clamp(max=self.num_train_timesteps - 1)
+        end = -1 if self.scheduler_config.get("set_alpha_to_one", True) else 0
+        return vp_plan(self.alphas_cumprod, seq, direction, end=end)
 
     def solver_spacings(self) -> tuple[str, ...]:
         """The schedules a multistep sampler offers on this model; the first is its default: the spacing the
@@ -219,33 +261,51 @@ class LoadedModel:
         return plan, Plan(a, s, plan.timesteps.float())
 
     def __post_init__(self) -> None:
-        self.forward = Forward(self.unet, self.device, self.dtype, channels_last=self.channels_last)
+        self.forward: Forward | Denoiser = Forward(self.unet, self.device, self.dtype,
+                                                   channels_last=self.channels_last) \
+            if self.parts is None else self.parts.denoiser
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | torch.Tensor | None = None) -> torch.Tensor:
         """The network output (eps, x0, v or flow velocity, as prediction_type says) in float32, on the model's
-        device. A conditional model without class_labels gets the null label (unconditional)."""
-        return self.forward(x, t, class_labels)
+        device. cond: per-row tensors by the denoiser's keyword ({"class_labels": ...} for a class-conditional
+        UNet2DModel; a tensor is taken as class labels). A conditional model without labels gets the null label."""
+        if self.parts is not None:  # a pipeline's Denoiser (or whatever wraps it)
+            assert cond is None or isinstance(cond, dict)
+            return self.forward(x, t, cond)  # type: ignore[arg-type]
+        labels = cond.get("class_labels") if isinstance(cond, dict) else cond
+        return self.forward(x, t, labels)  # type: ignore[arg-type]  # (a UNet2DModel Forward here)
 
-    def network(self, class_labels: torch.Tensor | None = None,
-                guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The prediction as a function of (x, t) for offline loops: conditional on class_labels [n] if given, and
-        guided when w is not 1, both rows in one forward as the engine runs them (w = 0: unconditional)."""
-        if class_labels is None or guidance_scale == 0:
-            return self.eps
-        y = class_labels
+    def network(self, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, *,
+                prompts: list[str] | None = None,
+                negative_prompts: list[str] | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The prediction as a function of (x, t) for offline loops: conditional on class_labels [n] or a text
+        model's prompts [n] if given, and guided when w is not 1 (against the null label or the negative prompts,
+        default ""), both rows in one forward as the engine runs them (w = 0: unconditional)."""
+        if prompts is not None:
+            assert self.conditioner is not None, f"model {self.name!r} has no text encoder"
+            cond = self.conditioner.encode(prompts).cond
+            uncond = self.conditioner.encode(negative_prompts or [""] * len(prompts)).cond
+            if guidance_scale == 0:
+                cond, guidance_scale = uncond, 1.0
+        elif class_labels is None or guidance_scale == 0:
+            return self.eps if self.parts is None else lambda x, t: self.eps(x, t, self.null_cond(len(x)))
+        else:
+            cond, uncond = self.label_cond(class_labels, len(class_labels)), self.label_cond(None, len(class_labels))
         if guidance_scale == 1:
-            return lambda x, t: self.eps(x, t, y)
-        null = torch.full_like(y, self.null_class or 0)
+            return lambda x, t: self.eps(x, t, cond)
+        both = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()}
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = self.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+            out = self.eps(torch.cat([x, x]), torch.cat([t, t]), both)
             return guide(out[:len(x)], out[len(x):], guidance_scale)
 
         return guided
 
     def info(self) -> dict[str, Any]:
         c, h, w = self.sample_shape
-        return {"name": self.name, "kind": self.kind, "image_size": [h, w], "channels": c,
+        if self.codec is not None:  # the images' size and channels; latent_shape is the stepper's
+            (h, w), c = self.image_size, 3
+        return {"name": self.name, "kind": self.kind, "image_size": [h, w], "channels": c, **self._pipeline_info(),
                 "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
                 "shift": self.shift, "schedules": list(self.spacings),
                 "samplers": list(SAMPLERS), "solver_schedules": list(self.solver_spacings()),
@@ -256,9 +316,25 @@ class LoadedModel:
                 "channels_last": self.forward.channels_last,
                 "parameters": sum(p.numel() for p in self.unet.parameters())}
 
+    def _pipeline_info(self) -> dict[str, Any]:
+        """What /models says of the pipeline: its class, conditioning, space, default size and guidance, prompt
+        token limit, and that its scheduler class only supplies the path (sampling is always DDIM here)."""
+        h, w = self.image_size
+        out: dict[str, Any] = {
+            "pipeline": "DDPMPipeline" if self.parts is None else self.parts.pipeline,
+            "conditioning": self.conditioning, "space": "pixel" if self.codec is None else "latent",
+            "default_size": [w, h], "size_multiple": self.size_step, "default_guidance_scale": self.default_guidance,
+            "prompt_token_limit": None if self.conditioner is None else self.conditioner.token_limit}
+        if self.parts is not None:
+            out["latent_shape"] = list(self.sample_shape)
+            out["scheduler"] = (f"{self.parts.scheduler_class} config supplies the path only; sampled with this "
+                                "server's DDIM stepper")
+        return out
+
 
 def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "float32",
-               allow_pickle: bool = False, name: str | None = None, channels_last: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, name: str | None = None, channels_last: bool = False,
+               prompt_cache_size: int = 256) -> LoadedModel:
     """Load one model folder; every failure is a ModelStoreError naming the file.
 
     dtype "auto" is bfloat16 where it pays off (see fast.bf16_supported), else float32.
@@ -270,17 +346,16 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         raise ModelStoreError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not root.is_dir():
         raise ModelStoreError(f"{root}: missing folder")
-    check_folder(root)  # an unsupported class is refused here, before any weight is read
+    check = check_folder(root)  # an unsupported class is refused here, before any weight is read
+    if check.kind is not None and check.kind.name != "DDPMPipeline":
+        net, parts, sched, names = load_parts(check, dev, DTYPES[dtype], allow_pickle, prompt_cache_size)
+        alphas = _path_of(sched, root / "scheduler" / "scheduler_config.json")
+        return LoadedModel(name or root.name, net, sched, None if alphas is None else alphas.to(dev), dev,
+                           DTYPES[dtype], root, class_names=names, parts=parts)
     files = ModelFiles.find(root, allow_pickle)
-    config = read_json(files.unet_config)
     sched = read_json(files.scheduler_config)
     alphas_cumprod = _path_of(sched, files.scheduler_config)
-    try:
-        unet = UNet2DModel.from_config(config)
-    except Exception as e:
-        raise ModelStoreError(f"{files.unet_config}: not a UNet2DModel config ({e})") from e
-    class_names = _class_names(unet, files)
-    _fit(unet, _load_state_dict(files.weights), files)
+    unet, class_names = load_unet(files)
     unet = unet.to(dev).eval().requires_grad_(False)
     if dtype != "float32":
         # diffusers' ModelMixin.to warns on every dtype cast that modules "should be kept in float32", even when the
@@ -289,28 +364,6 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         unet = unet.to(DTYPES[dtype]) if keep else torch.nn.Module.to(unet, DTYPES[dtype])
     return LoadedModel(name or root.name, unet, sched, None if alphas_cumprod is None else alphas_cumprod.to(dev),
                        dev, DTYPES[dtype], root, channels_last=channels_last, class_names=class_names)
-
-
-def _fit(unet: torch.nn.Module, state: dict[str, torch.Tensor], files: ModelFiles) -> None:
-    """Load state into unet, or one short ModelStoreError: what is missing, unexpected or of another shape, with at
-    most a few key names each."""
-    want = unet.state_dict()
-    problems = [_keys("missing", [k for k in want if k not in state]),
-                _keys("unexpected", [k for k in state if k not in want]),
-                _keys("of another shape", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
-                                           if k in state and state[k].shape != v.shape])]
-    problems = [p for p in problems if p]
-    if problems:
-        raise ModelStoreError(f"{files.weights}: weights do not fit {files.unet_config}: {'; '.join(problems)}")
-    unet.load_state_dict(state, strict=True)
-
-
-def _keys(what: str, keys: list[str], shown: int = 3) -> str:
-    """'12 keys missing (a, b, c and 9 more)', or '' for none."""
-    if not keys:
-        return ""
-    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-    return f"{len(keys)} key{'s' if len(keys) > 1 else ''} {what} ({', '.join(keys[:shown])}{more})"
 
 
 def _path_of(sched: dict[str, Any], path: Path) -> torch.Tensor | None:
@@ -329,30 +382,6 @@ def _path_of(sched: dict[str, Any], path: Path) -> torch.Tensor | None:
         return alphas_cumprod_from_config(sched)
     except (ScheduleError, TypeError, ValueError) as e:
         raise ModelStoreError(f"{path}: {e}") from e
-
-
-def _class_names(unet: UNet2DModel, files: ModelFiles) -> tuple[str, ...]:
-    """The names of a conditional model's classes (id2label of model_index.json), else their numbers."""
-    cfg = unet.config
-    if cfg.class_embed_type is not None:
-        raise ModelStoreError(f"{files.unet_config}: class_embed_type {cfg.class_embed_type!r} is not supported "
-                              "(class-conditional models use num_class_embeds)")
-    if cfg.num_class_embeds is None:
-        return ()
-    n = int(cfg.num_class_embeds) - 1  # the last row is the null label
-    if n < 1:
-        raise ModelStoreError(f"{files.unet_config}: num_class_embeds must be at least 2 (classes + the null label)")
-    index = files.root / "model_index.json"
-    labels = read_json(index).get("id2label") if index.is_file() else None
-    if labels is None:
-        return tuple(str(i) for i in range(n))
-    if not isinstance(labels, dict) or sorted(labels, key=str) != sorted(map(str, range(n)), key=str):
-        raise ModelStoreError(f"{index}: id2label must map each class 0..{n - 1} to a name "
-                              f"(num_class_embeds {n + 1} includes the null label {n})")
-    names = tuple(str(labels[str(i)]) for i in range(n))
-    if len({x.lower() for x in names}) != n:
-        raise ModelStoreError(f"{index}: id2label names must be distinct")
-    return names
 
 
 def discover(store: Path) -> list[str]:

@@ -47,14 +47,15 @@ class Plan:
         return int(self.model_t.numel())
 
 
-def vp_plan(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, direction: Direction) -> Plan:
+def vp_plan(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, direction: Direction, end: int = -1) -> Plan:
     """A VP run over ascending timesteps tau_1 < ... < tau_S.
 
-    generate: tau_S -> ... -> tau_1 -> clean, the network at the current timestep (Eq. 12);
+    generate: tau_S -> ... -> tau_1 -> end, the network at the current timestep (Eq. 12);
     invert: clean -> tau_1 -> ... -> tau_S, the network at the target timestep (Eq. 14, as diffusers'
-    DDIMInverseScheduler).
+    DDIMInverseScheduler). end -1 is the clean end (alpha-bar = 1); 0 is alpha-bar_0, where diffusers' DDIMScheduler
+    with set_alpha_to_one=False (Stable Diffusion's config) ends.
     """
-    seq, clean = timesteps.long(), torch.tensor([-1])
+    seq, clean = timesteps.long(), torch.tensor([end if direction == "generate" else -1])
     if direction == "generate":
         desc = seq.flip(0)
         levels, model_t = torch.cat([desc, clean]), desc

@@ -44,4 +44,5 @@ def warm_up(model: LoadedModel, settings: Settings, budget_from: float) -> None:
         model.forward.compile(s.max_batch_size, budget, model.sample_shape)
     if s.warmup:
         for b in sorted({1, s.max_batch_size}):
-            model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500.0))
+            model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500.0),
+                      model.null_cond(b))

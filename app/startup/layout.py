@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from app.config import Settings
-from app.models.fast import bf16_supported
+from app.models.fast import Forward, bf16_supported
+from app.models.kinds import KINDS, check_folder
 from app.models.store import ModelFiles, ModelStoreError, load_model
 from app.startup.memory import keep_freed_memory
 
@@ -96,6 +97,15 @@ def decide(times: LayoutTimes, margin: float = MARGIN, max_others_load: float = 
 
 def layouts_for(folders: list[Path], device: torch.device, settings: Settings,
                 retime_provisional: bool = True) -> list[bool]:
+    """For each model folder, whether it runs channels_last (_layouts_for); a latent pipeline's denoiser always runs
+    the contiguous layout."""
+    plain = [f for f in folders if check_folder(f).kind in (None, KINDS["DDPMPipeline"])]
+    chosen = dict(zip(plain, _layouts_for(plain, device, settings, retime_provisional) if plain else []))
+    return [chosen.get(f, False) for f in folders]
+
+
+def _layouts_for(folders: list[Path], device: torch.device, settings: Settings,
+                 retime_provisional: bool = True) -> list[bool]:
     """For each model folder, whether it runs channels_last: as DDIM_CHANNELS_LAST says, or (auto) the choice kept
     in settings.layout_cache for this model and machine, timed first where there is none or (retime_provisional: a
     server's start) it is provisional. The CLI passes False: it runs what the servers started with, never a choice
@@ -274,6 +284,7 @@ def _time_layouts(folders: list[Path], device: str, dtype: str, batch: int, thre
     timings = []
     for folder in folders:
         model = load_model(folder, device=torch.device(device), dtype=dtype, allow_pickle=allow_pickle)
+        assert isinstance(model.forward, Forward), "pipeline denoisers run contiguous (layouts_for)"
         busy, own, started = _machine_cpu_seconds(), time.process_time(), time.perf_counter()
         times = model.forward.time_layouts(batch, model.sample_shape, rounds)
         others = None

@@ -90,5 +90,29 @@ def _batch_composition(c: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _text_pipeline(c: dict[str, Any]) -> list[str]:
+    a, r, n = c["args"], c["repeat"], c["cache"]
+    return ["## A latent text pipeline: served against a plain loop with CFG", "",
+            f"`python -m benchmarks.studies.text_pipeline` (arguments {a}; {c['machine']}). A tiny Stable Diffusion "
+            f"pipeline (harness/pipelines.py, 32x32 pixels, 8x8 latents), {a['dtype']}: B = {a['batch']} guided "
+            f"samples (2B rows a forward), S = {a['steps']}. **plain**: the same denoiser forward with both CFG rows "
+            "and the DDIM update in a loop, prompts encoded once outside it. **served**: 2B closed-loop clients "
+            "(B running, B waiting) posting n = 1 requests with one prompt; the server's own image-step counter "
+            "(VAE decode, PNG and HTTP included).", "",
+            "**engine**: the same BatchWorker without HTTP, 2B jobs of n = 1 in flight (VAE decode included).", "",
+            "| plain img·steps/s | engine | engine / plain | served | served / plain | requests | errors |",
+            "|---|---|---|---|---|---|---|",
+            f"| {fmt(c['plain_image_steps_per_s'], 1)} | {fmt(c['engine_image_steps_per_s'], 1)} | "
+            f"{fmt(c['engine_image_steps_per_s'] / c['plain_image_steps_per_s'], 3)} | "
+            f"{fmt(c['served_image_steps_per_s'], 1)} | {fmt(c['ratio'], 3)} | {c['requests']} | {c['errors']} |", "",
+            f"Prompt cache over the served run: {int(n['hit'])} hits, {int(n['miss'])} misses (hit rate "
+            f"{100 * c['hit_rate']:.1f} %). A new prompt: {int(r['new prompt']['encoder_calls'])} encoder call "
+            f"({fmt(r['new prompt']['encode_ms'], 2)} ms); the same prompt again: "
+            f"{int(r['same prompt again']['encoder_calls'])} calls ({fmt(r['same prompt again']['encode_ms'], 2)} ms). "
+            f"Previews decode x0-hat with the VAE: one decode took {fmt(c['decode_ms'], 2)} ms against "
+            f"{fmt(c['forward_ms'], 2)} ms for a denoiser forward of the batch.", ""]
+
+
 STUDIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {"layout_choice": _layout_choice, "top_pad": _top_pad,
-                                                             "batch_composition": _batch_composition}
+                                                             "batch_composition": _batch_composition,
+                                                             "text_pipeline": _text_pipeline}

@@ -12,7 +12,8 @@ const LABELS = {
   steps: "S (steps)", eta: "η (eta)", n: "n (images)", seed: "Seed", preview_every: "Preview every",
   guidance_scale: "Guidance", class_label: "Class", schedule: "Schedule", model: "Model", frames: "Frames",
   method: "Method", images: "Image", "images.0": "Image", "start.seed": "Start seed", "end.seed": "End seed",
-  "start.image": "Start image", "end.image": "End image", start: "Start", end: "End",
+  "start.image": "Start image", "end.image": "End image", start: "Start", end: "End", prompt: "Prompt",
+  negative_prompt: "Negative prompt", width: "Width", height: "Height",
 };
 
 export class ApiError extends Error {

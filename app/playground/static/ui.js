@@ -34,6 +34,15 @@ export function showModel() {
   classes.replaceChildren(el("option", { value: "" }, "none (unconditional)"),
     ...(model.class_names || []).map((name, i) => el("option", { value: String(i) }, name)));
   $("conditioning").hidden = !model.conditional;
+  // text models: prompt, negative prompt and guidance (default: the pipeline's); latent models: the size in pixels
+  $("text-conditioning").hidden = model.conditioning !== "text";
+  $("text-guidance").placeholder = `${model.default_guidance_scale ?? 1} (the model's)`;
+  $("size").hidden = model.space !== "latent";
+  for (const [id, value] of [["width", model.default_size?.[0]], ["height", model.default_size?.[1]]]) {
+    $(id).value = value ?? "";
+    $(id).step = String(model.size_multiple || 1);
+    $(id).min = String(model.size_multiple || 1);
+  }
 }
 
 /** The schedules of the chosen sampler: DDIM's, or those the multistep solvers define. */
@@ -51,8 +60,9 @@ export function samplerFields() {
   return sampler === "ddim" ? {} : { sampler };
 }
 
-/** The fields every task sends: model, schedule, and class and guidance on a conditional model. Invert always runs
- * DDIM, so it sends no schedule of another sampler's. */
+/** The fields every task sends: model, schedule, and class and guidance on a conditional model; prompt, negative
+ * prompt and guidance on a text model; the size on a latent model. Invert always runs DDIM, so it sends no schedule
+ * of another sampler's. */
 export function modelFields(task = "generate") {
   const out = {};
   const model = currentModel();
@@ -61,6 +71,15 @@ export function modelFields(task = "generate") {
   if (model && model.conditional && $("class-label").value !== "") {
     out.class_label = Number($("class-label").value);
     out.guidance_scale = Number($("guidance").value);
+  }
+  if (model && model.conditioning === "text") {
+    out.prompt = $("prompt").value;
+    if ($("negative-prompt").value) out.negative_prompt = $("negative-prompt").value;
+    if ($("text-guidance").value !== "") out.guidance_scale = Number($("text-guidance").value);
+  }
+  if (model && model.space === "latent") {
+    if ($("width").value) out.width = Number($("width").value);
+    if ($("height").value) out.height = Number($("height").value);
   }
   return out;
 }

@@ -1,0 +1,78 @@
+"""POST /v1/images/generations, OpenAI's images API on this server's engine (the official `openai` client works).
+
+Body {model, prompt, n, size: "WxH", response_format: "b64_json"}, answered with {created, data: [{b64_json}]}, plus
+the fields other servers accept: negative_prompt, seed, steps (or num_inference_steps), guidance_scale. A url
+response is refused, and so is every other error, in OpenAI's error body {error: {message, type, param, code}}.
+Keys are the server's own (Authorization: Bearer, as the client sends them).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.api.codecs import b64encode
+from app.api.routes import EngineDep, _await, _model, _owner, _request_id
+from app.api.schemas import SEED_MAX
+from app.engine.errors import InvalidRequest
+from app.engine.tasks import GenerateWork
+from app.images import pil_images, png_bytes
+
+router = APIRouter(prefix="/v1")
+
+
+class ImagesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, pattern=r"^\d+x\d+$", description="WxH in pixels; default: the model's")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    steps: int | None = Field(None, ge=1)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
+    # OpenAI's own fields that have no meaning here; accepted so that its clients work, and ignored
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+
+def _error(status: int, message: str, param: str | None, code: str = "invalid_value") -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+@router.post("/images/generations")
+async def images_generations(request: Request, engine: EngineDep) -> Any:
+    try:
+        body = ImagesRequest.model_validate(await request.json())
+    except ValidationError as e:
+        first = e.errors()[0]
+        return _error(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][0]))
+    except ValueError as e:
+        return _error(400, f"the body is not JSON: {e}", None)
+    if body.response_format == "url":
+        return _error(400, "response_format 'url' is not supported by this server: ask for b64_json",
+                      "response_format", "unsupported_value")
+    width, height = (int(v) for v in body.size.split("x")) if body.size else (None, None)
+    try:
+        model = _model(engine, request, body.model)
+        if model.conditioning != "text":
+            raise InvalidRequest("model", f"model {model.name!r} has no text encoder: it takes no prompt")
+        work = GenerateWork(model=model.name, prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n,
+                            steps=body.steps or body.num_inference_steps or 50, seed=body.seed,
+                            guidance_scale=body.guidance_scale, width=width, height=height)
+        handle = engine.submit(work, owner=_owner(request), request_id=_request_id(request))
+    except InvalidRequest as e:
+        return _error(400, str(e), {"width": "size", "height": "size"}.get(e.field, e.field))
+    outcome = await _await(request, handle)
+    images = outcome.tensors.get("images", outcome.tensors["x_0"])
+    return {"created": int(time.time()), "data": [{"b64_json": b64encode(png_bytes(im))} for im in pil_images(images)]}
