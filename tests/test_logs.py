@@ -36,6 +36,9 @@ def root_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     diffusers_root = logging.getLogger("diffusers")
+    # an app made in this process by an earlier test may have captured warnings already, before pytest's own
+    # per-test capture: start from an uncaptured state, so that logs.setup captures them afresh
+    logging.captureWarnings(False)
     yield
     root.handlers[:], root.level = handlers, level
     logging.captureWarnings(False)

@@ -121,9 +121,11 @@ async def _await(request: Request, handle: RequestHandle) -> Any:
 
 
 def _stream(request: Request, handle: RequestHandle, *, cancel_on_disconnect: bool) -> StreamingResponse:
+    events = handle.events()  # subscribed now, before the response starts: no event of the first steps is missed
+
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for event in handle.events():
+            async for event in events:
                 yield await render.sse_event(event, handle)
         finally:
             if cancel_on_disconnect and not handle.finished:  # a synchronous request's client went away

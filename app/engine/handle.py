@@ -113,10 +113,14 @@ class RequestHandle:
             raise self.error or JobCancelled(f"request {self.id} was cancelled")
         return self.outcome
 
-    async def events(self) -> AsyncIterator[Event]:
-        """The current state first, then every event until (and with) the final one."""
+    def events(self) -> AsyncIterator[Event]:
+        """The current state first, then every event until (and with) the final one. The subscription starts when
+        this is called, not at the first iteration: a stream opened right after submit misses no preview."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._subscribers.append(queue)
+        return self._stream_events(queue)
+
+    async def _stream_events(self, queue: asyncio.Queue[Event]) -> AsyncIterator[Event]:
         try:
             yield self._progress_event()
             if self.finished:
