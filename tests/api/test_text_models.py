@@ -229,20 +229,19 @@ def test_the_openai_client_gets_images(http: httpx.Client) -> None:
 
 
 
-def test_the_cli_takes_prompts(http: httpx.Client, pipeline_store: Path, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cli_takes_prompts(http: httpx.Client, pipeline_store: Path, tmp_path: Path) -> None:
     """`ddim sample --prompt` computes what the server computes for the same seed (float32, as the server runs)."""
-    from app.cli import main
-
-    monkeypatch.setenv("DDIM_DTYPE", "float32")
+    from tests.test_cli import ddim
 
     fields = {"model": "sd", "prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 3, "seed": 4,
               "width": 48, "height": 40}
     served = http.post("/generate", json={**fields, "return_latents": True}).json()
     out, latents = tmp_path / "cat.png", tmp_path / "cat.npy"
-    assert main(["sample", "--model-store", str(pipeline_store), "--model", "sd", "--prompt", "a photo of a cat",
-                 "--negative-prompt", "blurry", "--steps", "3", "--seed", "4", "-n", "1", "--width", "48",
-                 "--height", "40", "--out", str(out), "--latents-out", str(latents)]) == 0
+    r = ddim("sample", "--model-store", str(pipeline_store), "--model", "sd", "--prompt", "a photo of a cat",
+             "--negative-prompt", "blurry", "--steps", "3", "--seed", "4", "-n", "1", "--width", "48", "--height", "40",
+             "--out", str(out), "--latents-out", str(latents), env={"DDIM_DTYPE": "float32", "DDIM_THREADS": "1",
+                                                                    "DDIM_CHANNELS_LAST": "false"})
+    assert r.returncode == 0, r.stderr
     assert _rel(torch.from_numpy(np.load(latents)), _npy(served["x_0"])) < 1e-5
     assert np.abs(np.asarray(Image.open(out).convert("RGB"), dtype=np.int16) - _png(served["images"][0])).max() <= 1
 
