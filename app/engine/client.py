@@ -145,7 +145,8 @@ class Engine:
     @staticmethod
     def class_labels(model: LoadedModel, class_label: int | str | list[int | str] | None, n: int,
                      field: str = "class_label") -> torch.Tensor | None:
-        """Class indices [n] from an index, a class name (any case) or a list with one per image; None: none."""
+        """Class indices [n] from an index, a class name (any case; one of its comma-separated synonyms too, as
+        DiTPipeline.get_label_ids takes ImageNet's names) or a list with one per image; None: none."""
         if class_label is None:
             return None
         if not model.conditional:
@@ -154,6 +155,9 @@ class Engine:
         if len(values) != n:
             raise InvalidRequest(field, f"{field} has {len(values)} labels for {n} images; give one, or one per image")
         names = {c.lower(): i for i, c in enumerate(model.class_names)}
+        for i, c in enumerate(model.class_names):
+            for synonym in c.split(","):
+                names.setdefault(synonym.strip().lower(), i)
         out = []
         for v in values:
             if isinstance(v, str) and v.strip().lower() in names:
@@ -161,7 +165,9 @@ class Engine:
             elif isinstance(v, int) and 0 <= v < len(model.class_names):
                 out.append(v)
             else:
-                valid = ", ".join(f"{i}={c!r}" for i, c in enumerate(model.class_names))
+                valid = ", ".join(f"{i}={c!r}" for i, c in enumerate(model.class_names[:20]))
+                if len(model.class_names) > 20:
+                    valid += f" and {len(model.class_names) - 20} more (GET /models lists them)"
                 raise InvalidRequest(field, f"unknown class {v!r} for model {model.name!r}; valid classes: {valid} "
                                             "(leave out class_label for unconditional samples)")
         return torch.tensor(out, dtype=torch.long)

@@ -162,6 +162,11 @@ def test_refusals_name_their_field(http: httpx.Client, pipeline_store: Path) -> 
     assert field({"model": "sd", "class_label": 1}) == "class_label"
     assert field({"model": "sd", "width": 64000, "height": 8}) == "width"  # DDIM_MAX_IMAGE_PIXELS
     assert field({"model": "dit", "guidance_scale": 3.0}) == "guidance_scale"  # no class: w has no effect
+    r = http.post("/generate", json={"model": "dit", "class_label": "unicorn"})
+    assert r.status_code == 422 and "and 980 more" in r.text and len(r.text) < 1000
+    tench = http.post("/generate", json={"model": "dit", "class_label": ["Tinca tinca", "tench"], "n": 2, "steps": 1,
+                                         "seed": 0})
+    assert tench.status_code == 200 and tench.json()["class_label"] == ["tench, Tinca tinca"] * 2  # synonyms
     r = http.post("/invert", json={"model": "sd", "images": ["aGVsbG8="]})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "images"
 
