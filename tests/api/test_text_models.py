@@ -277,3 +277,13 @@ def test_cancel_and_deadlines_work_for_text_models(http: httpx.Client) -> None:
     late = http.post("/generate", json={"model": "sd", "prompt": "a cat", "steps": 1000, "timeout_s": 0.3})
     assert late.status_code == 504
     assert http.post("/generate", json={"model": "sd", "prompt": "a cat", "steps": 2, "seed": 0}).status_code == 200
+
+
+def test_the_openai_client_uses_the_servers_keys(pipeline_store: Path) -> None:
+    import openai
+
+    with running_server(pipeline_store, DDIM_API_KEYS="sk-test") as url:
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
+        assert len(good.images.generate(model="sd3", prompt="a cat", extra_body={"steps": 1}).data) == 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).images.generate(prompt="a cat")
