@@ -207,6 +207,10 @@ class Engine:
         if large and model.kind != "vp":
             raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat) is defined for VP models only; "
                                              f"model {model.name!r} is a {model.kind} model")
+        if large and model.codec is not None:
+            raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat, which adds no noise on the last "
+                                             f"step only where it ends clean) is not offered for latent pipelines "
+                                             f"such as {model.name!r}, whose DDIM run ends at alpha-bar_0; use eta")
         seq = self.check_steps(model, steps, schedule)
         self._check_n(n, "n")
         stochastic = is_stochastic(eta, large)

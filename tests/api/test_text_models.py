@@ -160,6 +160,7 @@ def test_refusals_name_their_field(http: httpx.Client, pipeline_store: Path) -> 
     assert field({"model": "sd", "n": 2, "prompt": ["a", "b", "c"]}) == "prompt"
     assert field({"model": "sd", "n": 2, "negative_prompt": ["a"]}) == "negative_prompt"
     assert field({"model": "sd", "class_label": 1}) == "class_label"
+    assert field({"model": "sd", "variance": "large"}) == "variance"
     assert field({"model": "sd", "width": 64000, "height": 8}) == "width"  # DDIM_MAX_IMAGE_PIXELS
     assert field({"model": "dit", "guidance_scale": 3.0}) == "guidance_scale"  # no class: w has no effect
     r = http.post("/generate", json={"model": "dit", "class_label": "unicorn"})
