@@ -8,6 +8,7 @@ are 5xx by design (schemathesis.toml). The server's limits are small, so that no
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import subprocess
 import sys
@@ -24,10 +25,15 @@ LIMITS = {"DDIM_MAX_STEPS": "20", "DDIM_MAX_N": "4", "DDIM_MAX_REQUEST_SECONDS":
 
 
 def fuzz_store(root: Path) -> Path:
-    """A tiny unconditional model and a tiny class-conditional one."""
+    """A tiny unconditional model and a tiny class-conditional one; and a tiny Stable Diffusion pipeline where
+    open_clip_torch (CLIP's BPE file) is installed."""
     random_model_folder(root / "tiny", TINY_UNET, LINEAR_SCHEDULER, seed=0)
     random_model_folder(root / "tiny-cond", {**TINY_UNET, "num_class_embeds": len(TINY_CLASSES) + 1},
                         LINEAR_SCHEDULER, seed=3, class_names=TINY_CLASSES)
+    if importlib.util.find_spec("open_clip") is not None:
+        from harness.pipelines import tiny_sd
+
+        tiny_sd(root / "tiny-sd")
     return root
 
 

@@ -44,19 +44,49 @@ class ImagesRequest(BaseModel):
     user: str | None = None
 
 
+class ImageData(BaseModel):
+    b64_json: str = Field(description="a PNG, base64")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix seconds")
+    data: list[ImageData]
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": ImagesRequest.model_json_schema()}}}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": ImagesResponse, "description": "the images"},
+    400: {"model": OpenAIError, "description": "an invalid request, in OpenAI's error body (param names the field)"},
+    503: {"description": "not ready yet, or shutting down (Retry-After)"},
+    504: {"description": "deadline exceeded"}}
+
+
 def _error(status: int, message: str, param: str | None, code: str = "invalid_value") -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status)
 
 
-@router.post("/images/generations")
+@router.post("/images/generations", openapi_extra=BODY, responses=RESPONSES)
 async def images_generations(request: Request, engine: EngineDep) -> Any:
     try:
         body = ImagesRequest.model_validate(await request.json())
     except ValidationError as e:
         first = e.errors()[0]
-        return _error(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][0]))
+        loc = [str(x) for x in first["loc"]]
+        return _error(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", loc[0] if loc else None)
     except ValueError as e:
         return _error(400, f"the body is not JSON: {e}", None)
     if body.response_format == "url":

@@ -161,7 +161,8 @@ class Engine:
     @staticmethod
     def class_labels(model: LoadedModel, class_label: int | str | list[int | str] | None, n: int,
                      field: str = "class_label") -> torch.Tensor | None:
-        """Class indices [n] from an index, a class name (any case) or a list with one per image; None: none."""
+        """Class indices [n] from an index, a class name (any case; one of its comma-separated synonyms too, as
+        DiTPipeline.get_label_ids takes ImageNet's names) or a list with one per image; None: none."""
         if class_label is None:
             return None
         if not model.conditional:
@@ -170,6 +171,9 @@ class Engine:
         if len(values) != n:
             raise InvalidRequest(field, f"{field} has {len(values)} labels for {n} images; give one, or one per image")
         names = {c.lower(): i for i, c in enumerate(model.class_names)}
+        for i, c in enumerate(model.class_names):
+            for synonym in c.split(","):
+                names.setdefault(synonym.strip().lower(), i)
         out = []
         for v in values:
             if isinstance(v, str) and v.strip().lower() in names:
@@ -177,7 +181,9 @@ class Engine:
             elif isinstance(v, int) and 0 <= v < len(model.class_names):
                 out.append(v)
             else:
-                valid = ", ".join(f"{i}={c!r}" for i, c in enumerate(model.class_names))
+                valid = ", ".join(f"{i}={c!r}" for i, c in enumerate(model.class_names[:20]))
+                if len(model.class_names) > 20:
+                    valid += f" and {len(model.class_names) - 20} more (GET /models lists them)"
                 raise InvalidRequest(field, f"unknown class {v!r} for model {model.name!r}; valid classes: {valid} "
                                             "(leave out class_label for unconditional samples)")
         return torch.tensor(out, dtype=torch.long)
@@ -218,6 +224,10 @@ class Engine:
         if large and model.kind != "vp":
             raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat) is defined for VP models only; "
                                              f"model {model.name!r} is a {model.kind} model")
+        if large and model.codec is not None:
+            raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat, which adds no noise on the last "
+                                             f"step only where it ends clean) is not offered for latent pipelines "
+                                             f"such as {model.name!r}, whose DDIM run ends at alpha-bar_0; use eta")
         solver = None
         if sampler == "ddim":
             if solver_order is not None:

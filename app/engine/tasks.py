@@ -166,6 +166,13 @@ def prepare(engine: Engine, work: Work) -> Prepared:
         raise InvalidRequest("preview_every", "preview_every must be 0 (none) or a positive number of steps")
     if model.conditioning == "text" or work.class_label is not None:
         work.default_w = model.default_guidance
+    for name in ("width", "height"):
+        if (getattr(work, name) or 0) ** 2 > engine.settings.max_image_pixels:
+            raise InvalidRequest(name, f"{name} {getattr(work, name)} is past this server's size limit "
+                                       f"(DDIM_MAX_IMAGE_PIXELS = {engine.settings.max_image_pixels} pixels)")
+    if (work.width or 0) * (work.height or 0) > engine.settings.max_image_pixels:
+        raise InvalidRequest("width", f"{work.width}x{work.height} is more than this server's "
+                                      f"{engine.settings.max_image_pixels} pixels (DDIM_MAX_IMAGE_PIXELS)")
     _check_effective(model, work)
     if isinstance(work, GenerateWork):
         prepared = _prepare_generate(engine, model, work)

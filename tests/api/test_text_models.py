@@ -160,7 +160,14 @@ def test_refusals_name_their_field(http: httpx.Client, pipeline_store: Path) -> 
     assert field({"model": "sd", "n": 2, "prompt": ["a", "b", "c"]}) == "prompt"
     assert field({"model": "sd", "n": 2, "negative_prompt": ["a"]}) == "negative_prompt"
     assert field({"model": "sd", "class_label": 1}) == "class_label"
+    assert field({"model": "sd", "variance": "large"}) == "variance"
+    assert field({"model": "sd", "width": 64000, "height": 8}) == "width"  # DDIM_MAX_IMAGE_PIXELS
     assert field({"model": "dit", "guidance_scale": 3.0}) == "guidance_scale"  # no class: w has no effect
+    r = http.post("/generate", json={"model": "dit", "class_label": "unicorn"})
+    assert r.status_code == 422 and "and 980 more" in r.text and len(r.text) < 1000
+    tench = http.post("/generate", json={"model": "dit", "class_label": ["Tinca tinca", "tench"], "n": 2, "steps": 1,
+                                         "seed": 0})
+    assert tench.status_code == 200 and tench.json()["class_label"] == ["tench, Tinca tinca"] * 2  # synonyms
     r = http.post("/invert", json={"model": "sd", "images": ["aGVsbG8="]})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "images"
 
@@ -228,20 +235,19 @@ def test_the_openai_client_gets_images(http: httpx.Client) -> None:
 
 
 
-def test_the_cli_takes_prompts(http: httpx.Client, pipeline_store: Path, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cli_takes_prompts(http: httpx.Client, pipeline_store: Path, tmp_path: Path) -> None:
     """`ddim sample --prompt` computes what the server computes for the same seed (float32, as the server runs)."""
-    from app.cli import main
-
-    monkeypatch.setenv("DDIM_DTYPE", "float32")
+    from tests.test_cli import ddim
 
     fields = {"model": "sd", "prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 3, "seed": 4,
               "width": 48, "height": 40}
     served = http.post("/generate", json={**fields, "return_latents": True}).json()
     out, latents = tmp_path / "cat.png", tmp_path / "cat.npy"
-    assert main(["sample", "--model-store", str(pipeline_store), "--model", "sd", "--prompt", "a photo of a cat",
-                 "--negative-prompt", "blurry", "--steps", "3", "--seed", "4", "-n", "1", "--width", "48",
-                 "--height", "40", "--out", str(out), "--latents-out", str(latents)]) == 0
+    r = ddim("sample", "--model-store", str(pipeline_store), "--model", "sd", "--prompt", "a photo of a cat",
+             "--negative-prompt", "blurry", "--steps", "3", "--seed", "4", "-n", "1", "--width", "48", "--height", "40",
+             "--out", str(out), "--latents-out", str(latents), env={"DDIM_DTYPE": "float32", "DDIM_THREADS": "1",
+                                                                    "DDIM_CHANNELS_LAST": "false"})
+    assert r.returncode == 0, r.stderr
     assert _rel(torch.from_numpy(np.load(latents)), _npy(served["x_0"])) < 1e-5
     assert np.abs(np.asarray(Image.open(out).convert("RGB"), dtype=np.int16) - _png(served["images"][0])).max() <= 1
 
@@ -272,3 +278,13 @@ def test_cancel_and_deadlines_work_for_text_models(http: httpx.Client) -> None:
     late = http.post("/generate", json={"model": "sd", "prompt": "a cat", "steps": 1000, "timeout_s": 0.3})
     assert late.status_code == 504
     assert http.post("/generate", json={"model": "sd", "prompt": "a cat", "steps": 2, "seed": 0}).status_code == 200
+
+
+def test_the_openai_client_uses_the_servers_keys(pipeline_store: Path) -> None:
+    import openai
+
+    with running_server(pipeline_store, DDIM_API_KEYS="sk-test") as url:
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
+        assert len(good.images.generate(model="sd3", prompt="a cat", extra_body={"steps": 1}).data) == 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).images.generate(prompt="a cat")

@@ -25,8 +25,8 @@ def sd(pipeline_store: Path) -> LoadedModel:
 
 
 def _job(engine: Engine, model: LoadedModel, seed: int, prompts: list[str], w: float,
-         shape: tuple[int, int, int] = (4, 8, 8), negative: list[str] | None = None) -> SampleJob:
-    job, _ = engine.generate_job(model, n=len(prompts), steps=S, eta=0.0, large=False, schedule=None, seed=seed,
+         shape: tuple[int, int, int] = (4, 8, 8), negative: list[str] | None = None, eta: float = 0.0) -> SampleJob:
+    job, _ = engine.generate_job(model, n=len(prompts), steps=S, eta=eta, large=False, schedule=None, seed=seed,
                                  guidance_scale=w, shape=shape, prompts=prompts, negative_prompts=negative)
     return job
 
@@ -69,6 +69,20 @@ def test_mixed_prompts_guidance_and_sizes_share_steps_and_equal_each_alone(sd: L
         assert job.images is not None and alone.images is not None
         assert job.images.shape == (job.n, 3, spec[3][1] * 4, spec[3][2] * 4)
         torch.testing.assert_close(job.images, alone.images, rtol=1e-4, atol=1e-4)
+
+
+def test_stochastic_rows_of_different_sizes_draw_their_own_noise(sd: LoadedModel) -> None:
+    """eta > 0: each row draws its step noise in its own shape from its own generator (the padded batch never
+    changes what a row draws), so a mixed batch equals each request alone."""
+    engine = Engine(Settings(), Metrics())
+    specs = [(1, ["a cat"], 7.5, (4, 8, 8), None, 0.7), (2, ["a dog", "a fox"], 2.0, (4, 12, 6), None, 1.0),
+             (3, ["a house"], 7.5, (4, 8, 8), None, 0.0)]
+    together = [_job(engine, sd, *spec) for spec in specs]
+    _run(BatchWorker(sd, Metrics()), *together)
+    for spec, job in zip(specs, together):
+        alone = _job(engine, sd, *spec)
+        _run(BatchWorker(sd, Metrics()), alone)
+        torch.testing.assert_close(job.future.result().x, alone.future.result().x, rtol=1e-5, atol=1e-5)
 
 
 def test_a_failing_encoder_fails_only_its_requests(sd: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
