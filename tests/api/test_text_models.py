@@ -288,3 +288,33 @@ def test_the_openai_client_uses_the_servers_keys(pipeline_store: Path) -> None:
         assert len(good.images.generate(model="sd3", prompt="a cat", extra_body={"steps": 1}).data) == 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).images.generate(prompt="a cat")
+
+
+@pytest.mark.parametrize("name,sampler", [("sd", "dpmsolver++"), ("sd-v", "unipc"), ("sd3", "dpmsolver++")])
+def test_multistep_samplers_on_text_pipelines_equal_diffusers(http: httpx.Client, pipeline_store: Path, name: str,
+                                                               sampler: str) -> None:
+    """sampler on a latent pipeline: diffusers' own pipeline with that solver's scheduler built from_config of the
+    folder's scheduler config (as a diffusers user swaps schedulers), the same latents, guidance and prompt."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from app.sampling import diffusers_overrides
+
+    r = http.post("/generate", json={"model": name, "prompt": "a cat", "steps": 5, "seed": SEED, "sampler": sampler,
+                                     "return_latents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["sampler"] == sampler
+    x_T, _ = seed_latents(SHAPES[name], SEED)
+    solver = {"dpmsolver++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}[sampler]
+
+    def call(pipe: Any) -> Any:
+        shift = pipe.scheduler.config.get("shift") if name == "sd3" else None
+        spacing = body["schedule"]
+        pipe.scheduler = solver.from_config(pipe.scheduler.config, **diffusers_overrides(sampler, 2, spacing,
+                                                                                         shift=shift))
+        return pipe("a cat", num_inference_steps=5, guidance_scale=body["guidance_scale"], latents=x_T,
+                    output_type="np")
+
+    latents, images = diffusers_run(pipeline_store / name, call)
+    assert _rel(_npy(body["x_0"]), latents) < 1e-5
+    assert np.abs(_png(body["images"][0]) - images[0]).max() <= 1
