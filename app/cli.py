@@ -88,6 +88,32 @@ def _plan(model, args: argparse.Namespace, direction: str):  # -> Plan
         raise CliError(str(e), USAGE) from e
 
 
+def _check_sampler_flags(args: argparse.Namespace) -> None:
+    """Flags --sampler cannot take, refused before any model loads."""
+    if args.sampler == "ddim":
+        if args.solver_order is not None:
+            raise CliError("--solver-order is for --sampler dpmsolver++ or unipc", USAGE)
+        return
+    for flag, bad in (("--eta", args.eta > 0), ("--variance large", args.variance == "large"),
+                      ("--clip", args.clip is True)):
+        if bad:
+            raise CliError(f"{flag} is for --sampler ddim only (the multistep samplers are deterministic and never "
+                           "clip)", USAGE)
+
+
+def _solver(model, args: argparse.Namespace):  # -> SolverPlan | None
+    """--sampler's plan (None for ddim); what a multistep sampler cannot do is a usage error, as on the server."""
+    from app.sampling import ScheduleError
+
+    if args.sampler == "ddim":
+        return None
+    try:
+        return model.solver_plan(args.sampler, args.steps, args.schedule or model.schedule_for(args.sampler),
+                                 args.solver_order or 2)[0]
+    except ScheduleError as e:
+        raise CliError(str(e), USAGE) from e
+
+
 def _network(model, args: argparse.Namespace, n: int):  # -> EpsModel
     """The model's prediction for the CLI's loops: with --class-label or --prompt conditional, guided when w is not
     1 (default: the model's w)."""
@@ -144,8 +170,9 @@ def _read_images(paths: list[str]) -> list:  # -> list[PIL.Image.Image]
 def cmd_sample(args: argparse.Namespace) -> int:
     from app.images import grid, npy_bytes, pil_images
     from app.sampling import draw, sample_generators
-    from app.sampling.loop import run_plan
+    from app.sampling.loop import run_plan, run_solver
 
+    _check_sampler_flags(args)
     settings, folder = _resolve(args)
     _writable(args.out, args.latents_out)
     model = _load(settings, folder)
@@ -155,15 +182,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         shape = model.latent_shape(args.width, args.height)
     except ValueError as e:
         raise CliError(f"--{e}", USAGE) from None
-    plan = _plan(model, args, "generate")
+    solver = _solver(model, args)
+    plan = _plan(model, args, "generate") if solver is None else None
     network = _network(model, args, args.n)
     _announce(model)
     gens = sample_generators(args.seed, args.n)
     x_T = draw(gens, shape).to(model.device)
     clip = model.clip_sample if args.clip is None else args.clip
-    x0 = run_plan(network, x_T, plan, eta=args.eta, large=args.variance == "large",
-                  prediction_type=model.prediction_type, clip_denoised=clip, generators=gens,
-                  progress=lambda steps: tqdm(steps, desc="sample", leave=False))
+    progress = lambda steps: tqdm(steps, desc="sample", leave=False)  # noqa: E731
+    if solver is not None:
+        x0 = run_solver(network, x_T, solver, progress=progress)
+    else:
+        assert plan is not None
+        x0 = run_plan(network, x_T, plan, eta=args.eta, large=args.variance == "large",
+                      prediction_type=model.prediction_type, clip_denoised=clip, generators=gens, progress=progress)
     images = pil_images(x0 if model.codec is None else model.codec.decode(x0))
     (images[0] if len(images) == 1 else grid(images)).save(args.out)  # as the server's PNG: a grid when n > 1
     if args.latents_out:
@@ -271,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", help="model folder name (default: the store's default model)")
         q.add_argument("--model-store", help="model store folder (default ./model_store, or $DDIM_MODEL_STORE)")
         q.add_argument("--steps", type=COUNT, default=50, help="S, the number of sampling steps")
-        q.add_argument("--schedule", choices=SPACINGS,
-                       help="timestep spacing (default: the model's: uniform on VP models, linspace on flow models)")
+        q.add_argument("--schedule", choices=[*SPACINGS, "karras"],
+                       help="timestep spacing (default: the model's: uniform on VP models, linspace on flow models; "
+                       "the multistep samplers' own, docs/models.md)")
         q.add_argument("--class-label", help="class-conditional models: a class name or index (default: none, "
                        "unconditional)")
         q.add_argument("--guidance-scale", type=number(float, 0.0, 20.0), default=None,
@@ -283,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--eta", type=SHARE, default=0.0, help="0 = DDIM, 1 = DDPM")
     s.add_argument("--variance", choices=["eta", "large"], default="eta")
+    s.add_argument("--sampler", choices=["ddim", "dpmsolver++", "unipc"], default="ddim",
+                   help="ddim (default), or a multistep solver (deterministic: no --eta, --variance or --clip)")
+    s.add_argument("--solver-order", type=number(int, 1, 3), default=None, help="dpmsolver++ and unipc: 1-3 "
+                   "(default 2)")
     s.add_argument("-n", type=COUNT, default=16, help="number of images")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0, help="image i uses seed + i")
     s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,

@@ -51,3 +51,25 @@ def test_a_bfloat16_run_prints_no_library_noise(tiny_store: Path, tmp_path: Path
              "--out", str(tmp_path / "a.png"), env={"DDIM_DTYPE": "bfloat16"})
     assert r.returncode == 0, r.stderr
     assert "should be kept in float32" not in r.stderr, r.stderr
+
+
+def test_sample_with_a_multistep_sampler_equals_the_server(tiny_store: Path, tmp_path: Path) -> None:
+    import httpx
+
+    from harness.server import running_server
+
+    lat = tmp_path / "x0.npy"
+    r = ddim("sample", "--model-store", str(tiny_store), "--model", "tiny", "--steps", "6", "--sampler", "unipc",
+             "--solver-order", "3", "--schedule", "karras", "-n", "2", "--seed", "4", "--out", str(tmp_path / "g.png"),
+             "--latents-out", str(lat), env={"DDIM_DTYPE": "float32", "DDIM_CHANNELS_LAST": "false"})
+    assert r.returncode == 0, r.stderr
+    with running_server(tiny_store, DDIM_DEFAULT_MODEL="tiny") as url:
+        served = httpx.post(f"{url}/generate", json={"steps": 6, "sampler": "unipc", "solver_order": 3, "n": 2,
+                                                     "schedule": "karras", "seed": 4},
+                            headers={"accept": "application/x-npy"}, timeout=60)
+    import io
+
+    np.testing.assert_allclose(np.load(lat), np.load(io.BytesIO(served.content)), rtol=1e-5, atol=1e-6)
+    refused = ddim("sample", "--model-store", str(tiny_store), "--model", "tiny", "--sampler", "dpmsolver++",
+                   "--eta", "0.5", "--out", str(tmp_path / "no.png"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--eta" in refused.stderr

@@ -73,6 +73,8 @@ def test_generate_gives_the_raw_answer_decoded(client: Client, raw: httpx.Client
     x_T = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     from_latents = client.generate(n=2, steps=3, x_T=x_T, return_latents=True)
     assert np.array_equal(from_latents.x_T, x_T)  # type: ignore[arg-type]
+    solver = {"n": 2, "steps": 4, "seed": 5, "sampler": "dpmsolver++", "solver_order": 3, "return_latents": True}
+    assert_decoded(client.generate(**solver), raw.post("/generate", json=solver).json())
 
 
 def test_invert_takes_paths_pil_images_bytes_and_arrays(client: Client, raw: httpx.Client, tmp_path: Path) -> None:
