@@ -59,6 +59,8 @@ class Settings(BaseSettings):
         "the shortest), step the short ones alone; fifo: always step every active sample together")
     max_defer_steps: int = Field(32, ge=1, description="short-first: the long rows get a forward of their own "
                                  "at least this often")
+    release_idle_threads: bool = Field(True, description="a model idle for a second gives its OpenMP threads back, so "
+                                       "that an idle model does not slow a busy one (app/startup/openmp.py)")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     prompt_cache_size: int = Field(256, ge=1, description="text models: prompt encodings kept per model (an LRU "
                                    "cache keyed by the text)")

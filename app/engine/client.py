@@ -104,7 +104,8 @@ class Engine:
                                channels_last=channels_last, prompt_cache_size=s.prompt_cache_size)
             warm_up(model, s, budget_from=started)
             worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                                 batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps)
+                                 batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps,
+                                 release_idle=s.release_idle_threads)
         except BaseException as e:
             loaded.set_exception(e)
             return

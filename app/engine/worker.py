@@ -42,7 +42,8 @@ class BatchWorker:
 
     def __init__(self, model: LoadedModel, metrics: Metrics, *, max_batch_size: int = 64,
                  max_queue: int = 1024, batching: Literal["step", "request"] = "step",
-                 priority: Literal["short-first", "fifo"] = "short-first", max_defer_steps: int = 32) -> None:
+                 priority: Literal["short-first", "fifo"] = "short-first", max_defer_steps: int = 32,
+                 release_idle: bool = True) -> None:
         self.model = model
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -57,7 +58,7 @@ class BatchWorker:
         self._cancel_pending = False
         self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}", daemon=True)
         self._step_seconds = 0.0  # moving average, for Retry-After
-        self._cpu = model.device.type == "cpu"
+        self._cpu = model.device.type == "cpu" and release_idle
         name = model.name
         self._batch_size = metrics.batch_size.labels(name)
         self._forward_seconds = metrics.forward_seconds.labels(name)
