@@ -54,6 +54,7 @@ test: $(STAMP)
 bench: $(STAMP)  # docs/benchmarks.md; with the ray extra (EXTRAS=dev,ray) also its Ray Serve section (about 30 min)
 	$(BIN)/python -m benchmarks.features
 	$(BIN)/python -m benchmarks.solvers
+	$(BIN)/python -m benchmarks.studies.idle_model  # issue 24: an idle model beside the busy one
 	$(BIN)/python -m benchmarks.studies.text_pipeline  # issue 26 §6: a tiny SD pipeline, served against a plain CFG loop
 	@if $(BIN)/python -c 'import ray.serve' 2>/dev/null; then $(BIN)/python -m benchmarks.ray_bench; \
 	else echo "==> skipping the Ray Serve bench: no ray extra (make bench EXTRAS=dev,ray)"; fi

@@ -113,6 +113,21 @@ def _text_pipeline(c: dict[str, Any]) -> list[str]:
             f"{fmt(c['forward_ms'], 2)} ms for a denoiser forward of the batch.", ""]
 
 
+def _idle_model(c: dict[str, Any]) -> list[str]:
+    a = c["args"]
+    lines = ["## An idle model beside the busy one", "",
+             f"`python -m benchmarks.studies.idle_model` (arguments {a}). fashion-mnist served n = 1, S = "
+             f"{a['steps']} at {2 * a['batch']} concurrent clients, against its raw forward loop in paired slices, "
+             "three fresh servers per round in alternating order. The threads' CPU is read from /proc under load.",
+             "", "| store | served / limit (median) | rounds | busiest threads' CPU (cores) |", "|---|---|---|---|"]
+    for name, rounds in c["rounds"].items():
+        lines.append(f"| {name} | **{fmt(c['served_over_limit'][name], 3)}** | "
+                     f"{', '.join(fmt(x['served_over_limit'], 3) for x in rounds)} | "
+                     f"{'; '.join(' / '.join(f'{v:.2f}' for v in x['thread_cpu'][:2]) for x in rounds)} |")
+    return [*lines, "", "Target (issue 24): served >= 0.95x the raw forward with the store as shipped.", ""]
+
+
 STUDIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {"layout_choice": _layout_choice, "top_pad": _top_pad,
                                                              "batch_composition": _batch_composition,
-                                                             "text_pipeline": _text_pipeline}
+                                                             "text_pipeline": _text_pipeline,
+                                                             "idle_model": _idle_model}
