@@ -40,6 +40,8 @@ class SamplerEvalConfig:
 @dataclass
 class SamplerResults:
     model: str
+    n: int = 0
+    steps: tuple[int, ...] = ()
     fid: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (row, sampler, S)
     floor: tuple[float, float] = (0.0, 0.0)  # mean, sd
     seconds: float = 0.0
@@ -75,7 +77,7 @@ def evaluate_samplers(model: LoadedModel, clf: FMNISTClassifier, cfg: SamplerEva
     floors = [fid(embed(clf, to_model_space(train[np.random.default_rng(2000 + k).choice(len(train), cfg.n,
                                                                                           replace=False)], 32)
                         ).features, ref) for k in range(FLOOR_DRAWS)]
-    r = SamplerResults(model.name, floor=(float(np.mean(floors)), float(np.std(floors))))
+    r = SamplerResults(model.name, cfg.n, cfg.steps, floor=(float(np.mean(floors)), float(np.std(floors))))
     rows: list[float | None] = [None, *cfg.guidance]
     work = cfg.n * sum(cfg.steps) * len(cfg.samplers) * sum(1 if w is None else 2 for w in rows)
     bar = tqdm(total=work, desc=f"eval-samplers {model.name}", unit="img-step", unit_scale=True,
@@ -98,17 +100,18 @@ def samplers_md(results: list[SamplerResults], cfg: SamplerEvalConfig, command: 
     """The tables, one per model and row, and what holds of the targets."""
     lines = ["# FID-FMNIST by sampler and S", "",
              f"Made by `{command}` ({', '.join(f'{r.model}: {r.seconds / 60:.0f} min' for r in results)} on this "
-             f"machine's CPU). n = {cfg.n} samples per cell, seeds 0..{cfg.n - 1} in every cell (the seed contract); "
-             "lower is better. ddim: eta = 0, the model's schedule and clipping; dpmsolver++ and unipc: order 2, "
+             "machine's CPU). The same seeds 0..n-1 in every cell of a model (the seed contract); lower is better. "
+             "ddim: eta = 0, the model's schedule and clipping; dpmsolver++ and unipc: order 2, "
              "their diffusers scheduler's spacing, no clipping (docs/models.md, Samplers).", ""]
     for r in results:
-        lines += [f"## {r.model}", "", f"Data floor: {cfg.n} random train images score {r.floor[0]:.2f} "
+        lines += [f"## {r.model} (n = {r.n} per cell)", "",
+                  f"Data floor: {r.n} random train images score {r.floor[0]:.2f} "
                   f"(sd {r.floor[1]:.2f} over {FLOOR_DRAWS} draws) against the same reference.", ""]
         for row in dict.fromkeys(k[0] for k in r.fid):
-            lines += [f"### {row}", "", "| sampler | " + " | ".join(f"S = {s}" for s in cfg.steps) + " |",
-                      "|---" * (len(cfg.steps) + 1) + "|"]
+            lines += [f"### {row}", "", "| sampler | " + " | ".join(f"S = {s}" for s in r.steps) + " |",
+                      "|---" * (len(r.steps) + 1) + "|"]
             for sampler in cfg.samplers:
-                cells = [r.fid.get((row, sampler, s)) for s in cfg.steps]
+                cells = [r.fid.get((row, sampler, s)) for s in r.steps]
                 lines.append(f"| {sampler} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
             lines.append("")
     return "\n".join(lines) + "\n"
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m app.eval.samplers", description=main.__doc__)
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", default="5,10,20,50")
+    p.add_argument("--flow-n", type=int, help="the flow model's n (default: --n); its guided row costs twice")
+    p.add_argument("--flow-steps", help="the flow model's S values (default: --steps)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/quality-samplers.md")
     a = p.parse_args(argv)
@@ -160,10 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     clf = load_classifier()
     steps = tuple(int(s) for s in a.steps.split(","))
     results = []
-    for name, guidance in (("fashion-mnist", ()), ("fashion-mnist-flow", (2.0,))):
-        cfg = SamplerEvalConfig(n=a.n, steps=steps, guidance=guidance)
+    flow_steps = tuple(int(s) for s in (a.flow_steps or a.steps).split(","))
+    for name, guidance, n, s in (("fashion-mnist", (), a.n, steps),
+                                 ("fashion-mnist-flow", (2.0,), a.flow_n or a.n, flow_steps)):
+        cfg = SamplerEvalConfig(n=n, steps=s, guidance=guidance)
         results.append(evaluate_samplers(load_model(store / name), clf, cfg))
-    command = f"python -m app.eval.samplers --n {a.n} --steps {a.steps} --threads {a.threads}"
+    command = f"python -m app.eval.samplers --n {a.n} --steps {a.steps} --threads {a.threads}" + \
+        (f" --flow-n {a.flow_n}" if a.flow_n else "") + (f" --flow-steps {a.flow_steps}" if a.flow_steps else "")
     print(write(results, SamplerEvalConfig(n=a.n, steps=steps), command, Path(a.out)))
 
 
