@@ -161,8 +161,8 @@ def test_refusals_name_their_field(http: httpx.Client, pipeline_store: Path) -> 
     assert field({"model": "sd", "n": 2, "negative_prompt": ["a"]}) == "negative_prompt"
     assert field({"model": "sd", "class_label": 1}) == "class_label"
     assert field({"model": "dit", "guidance_scale": 3.0}) == "guidance_scale"  # no class: w has no effect
-    r = http.post("/invert", json={"model": "sd", "images": ["aGVsbG8="]})
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "images"
+    r = http.post("/invert", json={"model": "sd", "images": ["aGVsbG8="]})  # not an image (latent models invert)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "images.0"
 
 
 def test_long_prompts_are_truncated_and_said_so(http: httpx.Client) -> None:
