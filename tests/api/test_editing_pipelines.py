@@ -146,3 +146,21 @@ def test_editing_refusals_name_their_field(http: httpx.Client) -> None:
     assert field("/generate", {"model": "sd", "image": image, "strength": 1.5}) == "strength"
     assert field("/generate", {"model": "sd", "image": image, "sampler": "unipc"}) == "sampler"
     assert field("/invert", {"model": "sd", "images": ["aGVsbG8="]}) == "images.0"
+
+
+def test_the_openai_client_edits_images(http: httpx.Client) -> None:
+    """client.images.edit: a multipart image and prompt, strength as an extra field; it is /generate's img2img."""
+    import openai
+
+    image, _ = _picture(5)
+    client = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    out = client.images.edit(model="sd", image=("in.png", base64.b64decode(image), "image/png"), prompt="a dog",
+                             n=2, response_format="b64_json", extra_body={"strength": 0.5, "seed": 3, "steps": 4})
+    assert len(out.data) == 2
+    same = http.post("/generate", json={"model": "sd", "prompt": "a dog", "image": image, "strength": 0.5, "n": 2,
+                                        "seed": 3, "steps": 4}).json()
+    assert [d.b64_json for d in out.data] == same["images"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(model="sd", image=("in.png", base64.b64decode(image), "image/png"), prompt="a dog",
+                           extra_body={"strength": 0.1, "steps": 4})
+    assert e.value.body["param"] == "strength"  # type: ignore[index]
