@@ -310,7 +310,8 @@ def test_the_keyboard_reaches_everything_and_the_page_fits_360_px(browser: Any, 
         tab = by_id(browser, "tab-generate")
         tab.send_keys(Keys.ARROW_RIGHT)
         assert browser.switch_to.active_element.get_attribute("id") == "tab-invert"
-        for panel, key in (("invert", None), ("interpolate", Keys.END), ("generate", Keys.HOME)):
+        for panel, key in (("invert", None), ("edit", Keys.END), ("interpolate", Keys.ARROW_LEFT),
+                           ("generate", Keys.HOME)):
             if key:
                 browser.switch_to.active_element.send_keys(key)
             assert by_id(browser, panel).is_displayed()
