@@ -182,12 +182,30 @@ class InvertResponse(BaseModel):
     negative_prompt: list[str] | None = None
 
 
-class EditResponse(GenerateResponse):
+class EditResponse(BaseModel):
+    model: str
+    n: int = Field(description="the number of images edited")
+    steps: int = Field(description="S, the plan's steps")
+    schedule: str
     strength: float
-    strength_steps: int = Field(description="k, the steps run each way")
-    source_class_label: list[str] | None = None
-    source_prompt: list[str] | None = None
-    source_guidance_scale: float = 1.0
+    strength_steps: int = Field(description="k = int(S x strength), the steps run each way")
+    seed: int | None = Field(None, description="the generation leg's seed (eta > 0 only)")
+    eta: float
+    class_label: list[str] | None = Field(None, description="class models: each image's target class")
+    guidance_scale: float | None = Field(None, description="the target's w")
+    source_class_label: list[str] | None = Field(None, description="class models: each image's source class")
+    source_guidance_scale: float = Field(1.0, description="the inversion's w")
+    prompt: list[str] | None = Field(None, description="text models: each image's target prompt")
+    source_prompt: list[str] | None = Field(None, description="text models: each image's source prompt")
+    negative_prompt: list[str] | None = None
+    prompt_truncated: list[bool] | None = None
+    negative_prompt_truncated: list[bool] | None = None
+    prompt_token_limit: int | None = None
+    width: int | None = None
+    height: int | None = None
+    images: list[str] = Field(description="base64 PNGs, one per image (decoded RGB for latent models)")
+    x_T: str | None = Field(None, description="with return_latents: the level-t_k latents, base64 .npy")
+    x_0: str | None = Field(None, description="with return_latents: the final samples, base64 .npy")
 
 
 class InterpolateResponse(BaseModel):
