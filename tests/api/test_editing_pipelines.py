@@ -164,3 +164,26 @@ def test_the_openai_client_edits_images(http: httpx.Client) -> None:
         client.images.edit(model="sd", image=("in.png", base64.b64decode(image), "image/png"), prompt="a dog",
                            extra_body={"strength": 0.1, "steps": 4})
     assert e.value.body["param"] == "strength"  # type: ignore[index]
+
+
+def test_a_partial_edit_on_sd_equals_an_independent_loop(http: httpx.Client, pipeline_store: Path) -> None:
+    """/edit on a latent text model: the VAE mean, the first k inversion steps under the source prompt (w 1), the
+    last k generation steps under the target prompt with CFG, as app/sampling/loop.edit runs them in-process."""
+    from app.models import load_model
+    from app.sampling import strength_steps
+    from app.sampling.loop import edit
+
+    image, pixels = _picture(6)
+    r = http.post("/edit", json={"model": "sd", "images": [image], "source_prompt": "a cat", "prompt": "a dog",
+                                 "guidance_scale": 5.0, "strength": 0.5, "steps": STEPS, "return_latents": True})
+    assert r.status_code == 200, r.text
+    model = load_model(pipeline_store / "sd")
+    assert model.codec is not None
+    z = model.codec.encode(pixels)
+    assert _rel(z, _mean_latents(pipeline_store / "sd", pixels)) < 1e-5
+    k = strength_steps(STEPS, 0.5)
+    spacing = model.spacings[0]
+    x_t, x_0 = edit(model.network(prompts=["a cat"]), model.network(guidance_scale=5.0, prompts=["a dog"]), z,
+                    model.plan(STEPS, spacing, "invert"), model.plan(STEPS, spacing, "generate"), k,
+                    prediction_type=model.prediction_type)
+    assert _rel(_npy(r.json()["x_T"]), x_t) < 1e-5 and _rel(_npy(r.json()["x_0"]), x_0) < 1e-5
