@@ -19,7 +19,7 @@ from app.engine.tasks import EditWork, GenerateWork, InvertWork, Work
 from app.metrics import Metrics
 from app.models import LoadedModel
 from app.sampling import draw, first_steps, last_steps, sample_generators, strength_steps
-from app.sampling.loop import run_plan
+from app.sampling.loop import run_plan, sdedit
 
 S = 10
 
@@ -107,6 +107,10 @@ def test_img2img_equals_an_independent_loop(engine: Engine, name: str) -> None:
                     prediction_type=model.prediction_type, clip_denoised=model.clip_sample)
     torch.testing.assert_close(out.tensors["x_0"], want, atol=1e-5, rtol=1e-5)
     assert out.fields["strength_steps"] == k == 5
+    offline = sdedit(model.network(torch.tensor([1, 1]), 1.5), x0.expand(2, -1, -1, -1), _plan(model, "generate"),
+                     k, sample_generators(11, 2), eta=0.5, prediction_type=model.prediction_type,
+                     clip_denoised=model.clip_sample)  # what app.eval.editing runs
+    torch.testing.assert_close(offline, want)
 
 
 def test_bad_editing_input_is_refused_by_field(engine: Engine) -> None:
