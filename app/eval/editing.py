@@ -55,7 +55,7 @@ class EditEvalConfig:
     n: int = 200  # test images per source class
     steps: int = 50
     strengths: tuple[float, ...] = STRENGTHS
-    guidance_scale: float = 2.0  # the target's w; the inversion runs at w = 1
+    guidance_scale: float = 4.0  # the target's w; the inversion runs at w = 1
     batch_size: int = 100
     grid_sources: int = 2  # columns of the picture per pair
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="test images per source class (default 200)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--strengths", type=float, nargs="+", default=list(STRENGTHS))
-    p.add_argument("--guidance-scale", type=float, default=2.0, help="the target class's w (default 2)")
+    p.add_argument("--guidance-scale", type=float, default=4.0, help="the target class's w (default 4)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
