@@ -1,4 +1,4 @@
-"""The `ddim` command: sample, invert, train, export, eval, layouts.
+"""The `ddim` command: sample, invert, edit, train, export, eval, layouts.
 
 Errors are one line on stderr, `ddim: error: ...`, and no traceback: exit status 2 for a usage error (argparse's
 own, a bad flag value, an unknown model or class), 1 for a failure (a file that cannot be read or written, a model
@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from app.cli_args import COUNT, FAILURE, NON_NEGATIVE, SHARE, USAGE, CliError, Parser, model_folder, number
+from app.cli_edit import cmd_edit
 from app.cli_train import add_commands
 
 log = logging.getLogger("ddim")
@@ -214,13 +215,15 @@ def cmd_invert(args: argparse.Namespace) -> int:
     _writable(args.out)
     images = _read_images(args.images)
     model = _load(settings, folder)
-    if model.codec is not None:
-        raise CliError(f"model {model.name!r} is a latent pipeline; inverting it is not offered yet", USAGE)
     plan = _plan(model, args, "invert")
+    if args.guidance_scale is None:
+        args.guidance_scale = 1.0  # inversion's default: no guidance, the best round trip
     network = _network(model, args, len(images))
     _announce(model)
-    x0 = torch.stack([to_model_space(image, model.sample_shape) for image in images])
-    x_T = run_plan(network, x0.to(model.device), plan, prediction_type=model.prediction_type,
+    codec, (h, w) = model.codec, model.image_size
+    x0 = torch.stack([to_model_space(image, model.sample_shape if codec is None else (codec.image_channels, h, w))
+                      for image in images]).to(model.device)
+    x_T = run_plan(network, x0 if codec is None else codec.encode(x0), plan, prediction_type=model.prediction_type,
                    progress=lambda steps: tqdm(steps, desc="invert", leave=False))
     Path(args.out).write_bytes(npy_bytes(x_T))
     print(f"wrote x_T of shape {tuple(x_T.shape)} to {args.out}")
@@ -336,6 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(i)
     i.add_argument("images", nargs="+")
     i.add_argument("--out", default="xT.npy")
+    i.add_argument("--prompt", help="text models: the prompt to invert under")
+    i.add_argument("--negative-prompt", help="text models: the negative prompt (default \"\")")
+
+    e = command("edit", cmd_edit, "edit images: invert k = int(S x strength) steps under the source condition, "
+                "generate them back under the target's (--class-label / --prompt)")
+    model_args(e)
+    e.add_argument("images", nargs="+")
+    e.add_argument("--strength", type=number(float, 0.0, 1.0, strict=True), default=0.8,
+                   help="share of the S steps each way (default 0.8; 1: full inversion to x_T and back)")
+    e.add_argument("--prompt", help="text models: the target prompt")
+    e.add_argument("--negative-prompt", help="text models: the negative prompt of both legs (default \"\")")
+    e.add_argument("--source-prompt", help="text models: the prompt the images are inverted under")
+    e.add_argument("--source-class-label", help="class models: the images' class (default: unconditional)")
+    e.add_argument("--source-guidance-scale", type=number(float, 0.0, 20.0), default=1.0,
+                   help="the inversion's w (default 1, no guidance)")
+    e.add_argument("--out", default="edit.png")
 
     add_commands(command)
 

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.metrics import Metrics
 
 log = logging.getLogger("ddim.request")
-ENDPOINTS = {"/generate", "/invert", "/interpolate"}
+ENDPOINTS = {"/generate", "/invert", "/interpolate", "/edit"}
 
 
 class RequestMiddleware:

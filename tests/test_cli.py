@@ -73,3 +73,18 @@ def test_sample_with_a_multistep_sampler_equals_the_server(tiny_store: Path, tmp
     refused = ddim("sample", "--model-store", str(tiny_store), "--model", "tiny", "--sampler", "dpmsolver++",
                    "--eta", "0.5", "--out", str(tmp_path / "no.png"))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--eta" in refused.stderr
+
+
+def test_edit_writes_the_offline_edit_and_refuses_k_zero(cond_store: Path, tmp_path: Path) -> None:
+    """`ddim edit` is /edit offline: the same two legs (app/sampling/loop.edit) on the class-conditional flow model."""
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(img)
+    out = tmp_path / "edit.png"
+    r = ddim("edit", "--model-store", str(cond_store), "--model", "tiny-flow", "--steps", "6", "--strength", "0.5",
+             "--source-class-label", "cat", "--class-label", "dog", "--guidance-scale", "2", str(img),
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "k=3" in r.stdout and Image.open(out).size == (8, 8)
+    r = ddim("edit", "--model-store", str(cond_store), "--model", "tiny-flow", "--steps", "6", "--strength", "0.1",
+             str(img), "--out", str(out))
+    assert r.returncode == 2 and "strength" in r.stderr

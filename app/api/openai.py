@@ -1,9 +1,13 @@
-"""POST /v1/images/generations, OpenAI's images API on this server's engine (the official `openai` client works).
+"""POST /v1/images/generations and /v1/images/edits, OpenAI's images API on this server's engine (the official `openai`
+client works).
 
 Body {model, prompt, n, size: "WxH", response_format: "b64_json"}, answered with {created, data: [{b64_json}]}, plus
 the fields other servers accept: negative_prompt, seed, steps (or num_inference_steps), guidance_scale. A url
 response is refused, and so is every other error, in OpenAI's error body {error: {message, type, param, code}}.
 Keys are the server's own (Authorization: Bearer, as the client sends them).
+
+/v1/images/edits is img2img (SDEdit, /generate with an image): a multipart form with one `image` file and the
+prompt, with `strength` (default 0.8) beside the generation fields; a `mask` (inpainting) is refused.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.codecs import b64encode
-from app.api.routes import EngineDep, _await, _model, _owner, _request_id
+from app.api.routes import EngineDep, SettingsDep, _await, _decode_images, _model, _offload, _owner, _request_id
 from app.api.schemas import SEED_MAX
+from app.engine.client import Engine
 from app.engine.errors import InvalidRequest
 from app.engine.tasks import GenerateWork
 from app.images import pil_images, png_bytes
@@ -71,6 +77,13 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": OpenAIError, "description": "an invalid request, in OpenAI's error body (param names the field)"},
     503: {"description": "not ready yet, or shutting down (Retry-After)"},
     504: {"description": "deadline exceeded"}}
+class EditsRequest(ImagesRequest):
+    """The form fields of /v1/images/edits beside its image file."""
+
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="img2img: k = int(steps x strength); "
+                                   "default 0.8")
+    input_fidelity: str | None = None  # OpenAI's; ignored
+    output_format: Literal["png"] | None = None
 
 
 def _error(status: int, message: str, param: str | None, code: str = "invalid_value") -> JSONResponse:
@@ -89,17 +102,61 @@ async def images_generations(request: Request, engine: EngineDep) -> Any:
         return _error(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", loc[0] if loc else None)
     except ValueError as e:
         return _error(400, f"the body is not JSON: {e}", None)
+    return await _images(request, engine, body)
+
+
+@router.post("/images/edits")
+async def images_edits(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    try:
+        async with request.form() as form:
+            uploads = [*form.getlist("image"), *form.getlist("image[]")]
+            files = [await f.read() for f in uploads if not isinstance(f, str)]
+            fields = {k: v for k, v in form.items() if k not in ("image", "image[]")}
+    except (StarletteHTTPException, ValueError, AssertionError) as e:
+        return _error(400, f"send a multipart form with an image file and a prompt ({getattr(e, 'detail', e)})",
+                      "image")
+    if "mask" in fields:
+        return _error(400, "mask (inpainting) is not supported by this server: edits are img2img", "mask",
+                      "unsupported_value")
+    if len(files) != 1:
+        return _error(400, f"give exactly one image file (got {len(files)})", "image")
+    try:
+        body = EditsRequest.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        return _error(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][0]))
+    try:
+        model = _model(engine, request, body.model)
+        width, height = _size(body)
+        size = GenerateWork(prompt=body.prompt, width=width, height=height)
+        image = await _offload(False, _decode_images, files, "image", model, settings.max_image_pixels, size)
+    except InvalidRequest as e:
+        return _error(400, str(e), {"width": "size", "height": "size"}.get(e.field, e.field))
+    return await _images(request, engine, body, image, body.strength or 0.8)
+
+
+def _size(body: ImagesRequest) -> tuple[int | None, int | None]:
+    if not body.size:
+        return None, None
+    width, height = (int(v) for v in body.size.split("x"))
+    return width, height
+
+
+async def _images(request: Request, engine: Engine, body: ImagesRequest, image: Any = None,
+                  strength: float | None = None) -> Any:
+    """Generate (from an image, with strength: img2img) and answer in OpenAI's shape."""
     if body.response_format == "url":
         return _error(400, "response_format 'url' is not supported by this server: ask for b64_json",
                       "response_format", "unsupported_value")
-    width, height = (int(v) for v in body.size.split("x")) if body.size else (None, None)
+    width, height = _size(body)
     try:
         model = _model(engine, request, body.model)
         if model.conditioning != "text":
             raise InvalidRequest("model", f"model {model.name!r} has no text encoder: it takes no prompt")
         work = GenerateWork(model=model.name, prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n,
                             steps=body.steps or body.num_inference_steps or 50, seed=body.seed,
-                            guidance_scale=body.guidance_scale, width=width, height=height)
+                            guidance_scale=body.guidance_scale, width=width, height=height, image=image,
+                            strength=strength)
         handle = engine.submit(work, owner=_owner(request), request_id=_request_id(request))
     except InvalidRequest as e:
         return _error(400, str(e), {"width": "size", "height": "size"}.get(e.field, e.field))

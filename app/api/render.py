@@ -15,6 +15,8 @@ from app.api.negotiate import GIF, JSON, NPY, PNG, SSE
 from app.api.schemas import (
     BINARY,
     ERROR_RESPONSES,
+    EditRequest,
+    EditResponse,
     ErrorResponse,
     GenerateResponse,
     InterpolateResponse,
@@ -24,7 +26,8 @@ from app.api.schemas import (
 from app.engine.handle import Event, Outcome, RequestHandle
 from app.images import gif_bytes, grid, npy_bytes, pil_images, png_bytes
 
-OFFERED = {"generate": [JSON, PNG, NPY], "invert": [JSON, NPY], "interpolate": [JSON, GIF, PNG]}
+OFFERED = {"generate": [JSON, PNG, NPY], "invert": [JSON, NPY], "interpolate": [JSON, GIF, PNG],
+           "edit": [JSON, PNG, NPY]}
 INLINE_ELEMENTS = 4 * 32 * 32 * 3  # up to four 32x32 RGB images are encoded on the event loop itself
 
 
@@ -53,7 +56,7 @@ def _shown(t: dict[str, Any]) -> Any:
 def as_json(handle: RequestHandle, outcome: Outcome) -> dict[str, Any]:
     """The JSON answer of the task, as the synchronous endpoint gives it."""
     t, want, out = outcome.tensors, handle.meta, dict(outcome.fields)
-    if handle.task == "generate":
+    if handle.task in ("generate", "edit"):
         out["images"] = _pngs(_shown(t))
         if want.get("return_latents"):
             out["x_T"], out["x_0"] = _npy(t["x_T"]), _npy(t["x_0"])
@@ -62,6 +65,7 @@ def as_json(handle: RequestHandle, outcome: Outcome) -> dict[str, Any]:
         if "reconstruction" in t:
             out["reconstruction"] = _pngs(t["reconstruction"])
             out["reconstruction_mse"] = t["reconstruction_mse"].tolist()
+            out["reconstruction_psnr"] = t["reconstruction_psnr"].tolist()
     else:
         out["images"] = _pngs(t["frames"])
         if want.get("return_latents"):
@@ -75,8 +79,8 @@ def response(handle: RequestHandle, outcome: Outcome, accept: str) -> Any:
     if accept == JSON:
         return as_json(handle, outcome)
     if accept == NPY:
-        return Response(npy_bytes(t["x_0"] if handle.task == "generate" else t["x_T"]), media_type=NPY)
-    images = pil_images(_shown(t) if handle.task == "generate" else t["frames"])
+        return Response(npy_bytes(t["x_T"] if handle.task == "invert" else t["x_0"]), media_type=NPY)
+    images = pil_images(t["frames"] if handle.task == "interpolate" else _shown(t))
     if accept == GIF:
         return Response(gif_bytes(images), media_type=GIF)
     if handle.task == "interpolate":
@@ -107,6 +111,9 @@ RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
                  **ERROR_RESPONSES},
     "invert": {200: {"model": InvertResponse, "content": {NPY: BINARY, **_EVENTS},
                      "description": "JSON, x_T as .npy, or an event stream"}, **ERROR_RESPONSES},
+    "edit": {200: {"model": EditResponse, "content": {PNG: BINARY, NPY: BINARY, **_EVENTS},
+                   "description": "JSON, a PNG (a grid when several images), x_0 as .npy, or an event stream"},
+             **ERROR_RESPONSES},
     "interpolate": {200: {"model": InterpolateResponse, "content": {GIF: BINARY, PNG: BINARY, **_EVENTS},
                           "description": "JSON, an animated GIF, a PNG strip, or an event stream"}, **ERROR_RESPONSES},
 }
@@ -126,3 +133,4 @@ EVENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "progress events, then one result, error or cancelled event", "content": _EVENTS},
     **ERROR_RESPONSES}
 INVERT_BODY = invert_request_body()
+EDIT_BODY = invert_request_body(EditRequest)

@@ -19,12 +19,20 @@ from app.api import render
 from app.api.codecs import b64decode, decode_image, decode_npy
 from app.api.errors import ClientGone, NotReady
 from app.api.negotiate import SSE, negotiate
-from app.api.schemas import Endpoint, ErrorResponse, GenerateRequest, InterpolateRequest, InvertRequest
+from app.api.schemas import (
+    EditRequest,
+    Endpoint,
+    ErrorResponse,
+    GenerateRequest,
+    InterpolateRequest,
+    InvertRequest,
+)
 from app.config import Settings
 from app.engine.client import Engine
 from app.engine.errors import InvalidRequest
 from app.engine.handle import RequestHandle
-from app.engine.tasks import End, GenerateWork, InterpolateWork, InvertWork, Work
+from app.engine.inputs import Inputs, pixel_shape
+from app.engine.tasks import EditWork, End, GenerateWork, InterpolateWork, InvertWork, Work
 from app.models import LoadedModel
 
 router = APIRouter()
@@ -145,25 +153,45 @@ async def _answer(request: Request, engine: Engine, work: Work, body: Any, offer
 
 
 # -- the work endpoints --------------------------------------------------------------------------
-def _generate_work(body: GenerateRequest) -> GenerateWork:
+async def _generate_work(request: Request, engine: Engine, settings: Settings, body: GenerateRequest) -> GenerateWork:
     x_T = decode_npy(body.x_T, "x_T") if body.x_T is not None else None
+    image = None
+    if body.image is not None:
+        model = _model(engine, request, body.model)
+        raw = b64decode(body.image, "image")
+        image = await _offload(False, _decode_images, [raw], "image", model, settings.max_image_pixels, body)
     return GenerateWork(model=body.model, n=body.n, steps=body.steps, eta=body.eta, variance=body.variance,
-                        schedule=body.schedule, seed=body.seed, x_T=x_T, clip_denoised=body.clip_denoised,
+                        image=image, strength=body.strength, schedule=body.schedule, seed=body.seed, x_T=x_T,
+                        clip_denoised=body.clip_denoised,
                         class_label=body.class_label, guidance_scale=body.guidance_scale,
                         preview_every=body.preview_every, prompt=body.prompt, negative_prompt=body.negative_prompt,
                         width=body.width, height=body.height, sampler=body.sampler, solver_order=body.solver_order)
 
 
-async def _invert_work(request: Request, engine: Engine, settings: Settings) -> tuple[InvertRequest, InvertWork]:
-    body, raws, field = await _invert_request(request)
+async def _images_of(request: Request, engine: Engine, settings: Settings,
+                     schema: type[InvertRequest] | type[EditRequest]) -> tuple[Any, torch.Tensor]:
+    """The body of /invert or /edit and its images, decoded to the size the model (and width x height) takes."""
+    body, raws, field = await _invert_request(request, schema)
     model = _model(engine, request, body.model)
-    if model.codec is not None:
-        raise InvalidRequest(field, f"model {model.name!r} is a latent pipeline: inverting images is not served for "
-                                    "it yet (the next issue adds it)")
     if len(raws) > settings.max_n:
         raise InvalidRequest(field, f"at most {settings.max_n} images per request on this server")
     small = len(raws) * prod(model.sample_shape) <= render.INLINE_ELEMENTS
-    images = await _offload(small, _decode_images, raws, field, model, settings.max_image_pixels)
+    return body, await _offload(small, _decode_images, raws, field, model, settings.max_image_pixels, body)
+
+
+async def _edit_work(request: Request, engine: Engine, settings: Settings) -> tuple[EditRequest, EditWork]:
+    body, images = await _images_of(request, engine, settings, EditRequest)
+    return body, EditWork(model=body.model, images=images, steps=body.steps, strength=body.strength,
+                          schedule=body.schedule, seed=body.seed, eta=body.eta, class_label=body.class_label,
+                          guidance_scale=body.guidance_scale, prompt=body.prompt,
+                          negative_prompt=body.negative_prompt, source_prompt=body.source_prompt,
+                          source_class_label=body.source_class_label,
+                          source_guidance_scale=body.source_guidance_scale, preview_every=body.preview_every,
+                          width=body.width, height=body.height)
+
+
+async def _invert_work(request: Request, engine: Engine, settings: Settings) -> tuple[InvertRequest, InvertWork]:
+    body, images = await _images_of(request, engine, settings, InvertRequest)
     return body, InvertWork(model=body.model, images=images, steps=body.steps, schedule=body.schedule,
                             class_label=body.class_label, guidance_scale=body.guidance_scale,
                             preview_every=body.preview_every, return_reconstruction=body.return_reconstruction,
@@ -184,10 +212,11 @@ async def _interpolate_work(request: Request, engine: Engine, settings: Settings
 
 
 @router.post("/generate", responses=render.RESPONSES["generate"])
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep) -> Any:
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     request.state.params = {"n": body.n, "steps": body.steps, "eta": body.eta}
     _model(engine, request, body.model)
-    return await _answer(request, engine, _generate_work(body), body, render.OFFERED["generate"])
+    work = await _generate_work(request, engine, settings, body)
+    return await _answer(request, engine, work, body, render.OFFERED["generate"])
 
 
 @router.post("/invert", responses=render.RESPONSES["invert"], openapi_extra=render.INVERT_BODY)
@@ -196,6 +225,16 @@ async def invert(request: Request, engine: EngineDep, settings: SettingsDep) -> 
     body, work = await _invert_work(request, engine, settings)
     request.state.params = {"n": int(work.images.shape[0]), "steps": body.steps, "eta": 0.0}
     return await _answer(request, engine, work, body, render.OFFERED["invert"])
+
+
+@router.post("/edit", responses=render.RESPONSES["edit"], openapi_extra=render.EDIT_BODY)
+async def edit(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    """Invert images under the source condition for k = int(steps x strength) steps, then generate them back
+    under the target condition (docs/editing.md)."""
+    negotiate(request, [*render.OFFERED["edit"], SSE])
+    body, work = await _edit_work(request, engine, settings)
+    request.state.params = {"n": int(work.images.shape[0]), "steps": body.steps, "eta": body.eta}
+    return await _answer(request, engine, work, body, render.OFFERED["edit"])
 
 
 @router.post("/interpolate", responses=render.RESPONSES["interpolate"])
@@ -215,9 +254,16 @@ def _accepted(engine: Engine, request: Request, work: Work, body: Any) -> JSONRe
 
 
 @router.post("/jobs/generate", status_code=202, responses=render.JOB_RESPONSES)
-async def job_generate(body: GenerateRequest, request: Request, engine: EngineDep) -> JSONResponse:
+async def job_generate(body: GenerateRequest, request: Request, engine: EngineDep,
+                       settings: SettingsDep) -> JSONResponse:
     _model(engine, request, body.model)
-    return _accepted(engine, request, _generate_work(body), body)
+    return _accepted(engine, request, await _generate_work(request, engine, settings, body), body)
+
+
+@router.post("/jobs/edit", status_code=202, responses=render.JOB_RESPONSES, openapi_extra=render.EDIT_BODY)
+async def job_edit(request: Request, engine: EngineDep, settings: SettingsDep) -> JSONResponse:
+    body, work = await _edit_work(request, engine, settings)
+    return _accepted(engine, request, work, body)
 
 
 @router.post("/jobs/invert", status_code=202, responses=render.JOB_RESPONSES, openapi_extra=render.INVERT_BODY)
@@ -273,7 +319,8 @@ async def job_events(job_id: str, request: Request, engine: EngineDep) -> Stream
 
 
 # -- payload decoding ------------------------------------------------------------------------------
-async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes], str]:
+async def _invert_request(request: Request, schema: type[InvertRequest] | type[EditRequest] = InvertRequest
+                          ) -> tuple[Any, list[bytes], str]:
     """JSON {images: [base64]} or a multipart form with files (other fields as form fields); returns the body, the
     raw images and the field the client used for them."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -301,7 +348,7 @@ async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes],
             raise InvalidRequest("body", f"body is not valid JSON: {e}") from e
         files, field = None, "images"
     try:
-        body = InvertRequest.model_validate(data)
+        body = schema.model_validate(data)
     except ValidationError as e:  # multipart: the client sent files, not images
         raise RequestValidationError([{**err, "loc": (field, *err["loc"][1:]) if err["loc"][:1] == ("images",)
                                        else err["loc"]} for err in e.errors()]) from e
@@ -310,8 +357,14 @@ async def _invert_request(request: Request) -> tuple[InvertRequest, list[bytes],
     return body, [b64decode(s, f"images.{i}") for i, s in enumerate(body.images)], "images"
 
 
-def _decode_images(raws: list[bytes], field: str, model: LoadedModel, max_pixels: int) -> torch.Tensor:
-    return torch.stack([decode_image(r, f"{field}.{i}", model.sample_shape, max_pixels) for i, r in enumerate(raws)])
+def _decode_images(raws: list[bytes], field: str, model: LoadedModel, max_pixels: int,
+                   size: Inputs | None = None) -> torch.Tensor:
+    """Images resized (shorter side) and centre-cropped to the shape the task takes: the model's samples, or on a
+    latent model its codec's pixels at the request's width x height."""
+    shape = model.sample_shape if size is None else pixel_shape(model, size)
+    one = len(raws) == 1 and field == "image"
+    return torch.stack([decode_image(r, field if one else f"{field}.{i}", shape, max_pixels)
+                        for i, r in enumerate(raws)])
 
 
 def _end(model: LoadedModel, end: Endpoint, field: str, max_pixels: int) -> End:

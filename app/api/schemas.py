@@ -69,15 +69,48 @@ class GenerateRequest(_Guided):
                                      "(default 2, DPM++ 2M)")
     return_latents: bool = Field(False, description="JSON answers only: add x_T and x_0 (base64 .npy); "
                                  "an image/png or .npy answer carries the images or x_0 alone")
+    image: str | None = Field(None, description="img2img (SDEdit): one base64 PNG or JPEG to start from, resized and "
+                              "centre-cropped to the output size; each of the n images starts from it with its own "
+                              "seed (seed + i). Sampler ddim only; not with x_T")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="img2img: the share of the plan run from the "
+                                   "image, k = int(steps x strength) steps (diffusers' init_timestep; k = 0 is a "
+                                   "422); default 0.8 with an image, a 422 without one")
+
+
+IMAGES_DOC = ("base64 PNG or JPEG images, resized (shorter side) and centre-cropped to the model's size (width x "
+              "height on a latent model)")
 
 
 class InvertRequest(_Guided):
     model: str | None = None
-    images: list[str] = Field(..., min_length=1, description="base64 PNG or JPEG images")
+    images: list[str] = Field(..., min_length=1, description=IMAGES_DOC)
     sampler: Literal["ddim"] = Field("ddim", description="inversion is DDIM's (Eq. 14): only 'ddim'")
     steps: int = Field(50, ge=1)
     schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
-    return_reconstruction: bool = False
+    return_reconstruction: bool = Field(False, description="generate back under the same condition; report each "
+                                        "image's pixel MSE and PSNR")
+
+
+class EditRequest(_Guided):
+    """Invert under the source condition for the first k steps, then generate them back under the target's
+    (prompt / class_label / guidance_scale; guidance_scale defaults to the model's)."""
+
+    model: str | None = None
+    images: list[str] = Field(..., min_length=1, description=IMAGES_DOC)
+    steps: int = Field(50, ge=1, description="S, the plan's steps; the edit runs k = int(S x strength) of them each "
+                       "way")
+    strength: float = Field(0.8, gt=0.0, le=1.0, description="how far the images travel: 1 is full inversion to x_T "
+                            "and back; default 0.8, enough room for a new class or prompt while keeping the layout")
+    schedule: Schedule | None = Field(None, description=SCHEDULE_DOC)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="eta > 0 only: seeds the generation leg's noise")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="the generation leg's eta (the inversion is deterministic)")
+    source_prompt: str | list[str] | None = Field(None, description="text models: the prompt the images are inverted "
+                                                  "under; default \"\"")
+    source_class_label: ClassLabel | list[ClassLabel] | None = Field(None, description="class models: the images' "
+                                                                     "class; omitted: inverted unconditionally")
+    source_guidance_scale: float = Field(1.0, ge=0.0, le=20.0, description="the inversion's guidance; default 1, "
+                                         "none, the best round trip")
+    return_latents: bool = Field(False, description="JSON answers only: add x_T (the level-t_k latents) and x_0")
 
 
 class Endpoint(_Body):
@@ -144,6 +177,35 @@ class InvertResponse(BaseModel):
     x_T: str = Field(description="the inverted latents, base64 .npy, float32 (n, C, H, W)")
     reconstruction: list[str] | None = Field(None, description="with return_reconstruction: base64 PNGs")
     reconstruction_mse: list[float] | None = Field(None, description="per image, pixels in [0, 1]")
+    reconstruction_psnr: list[float] | None = Field(None, description="per image, dB (peak 1)")
+    prompt: list[str] | None = Field(None, description="text models: each image's prompt")
+    negative_prompt: list[str] | None = None
+
+
+class EditResponse(BaseModel):
+    model: str
+    n: int = Field(description="the number of images edited")
+    steps: int = Field(description="S, the plan's steps")
+    schedule: str
+    strength: float
+    strength_steps: int = Field(description="k = int(S x strength), the steps run each way")
+    seed: int | None = Field(None, description="the generation leg's seed (eta > 0 only)")
+    eta: float
+    class_label: list[str] | None = Field(None, description="class models: each image's target class")
+    guidance_scale: float | None = Field(None, description="the target's w")
+    source_class_label: list[str] | None = Field(None, description="class models: each image's source class")
+    source_guidance_scale: float = Field(1.0, description="the inversion's w")
+    prompt: list[str] | None = Field(None, description="text models: each image's target prompt")
+    source_prompt: list[str] | None = Field(None, description="text models: each image's source prompt")
+    negative_prompt: list[str] | None = None
+    prompt_truncated: list[bool] | None = None
+    negative_prompt_truncated: list[bool] | None = None
+    prompt_token_limit: int | None = None
+    width: int | None = None
+    height: int | None = None
+    images: list[str] = Field(description="base64 PNGs, one per image (decoded RGB for latent models)")
+    x_T: str | None = Field(None, description="with return_latents: the level-t_k latents, base64 .npy")
+    x_0: str | None = Field(None, description="with return_latents: the final samples, base64 .npy")
 
 
 class InterpolateResponse(BaseModel):
@@ -187,10 +249,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()}
 
 
-def invert_request_body() -> dict[str, Any]:
-    """openapi_extra for /invert, which reads its body itself: the JSON form (InvertRequest) and the multipart
-    form, whose files replace images and whose other fields are InvertRequest's."""
-    json_schema = InvertRequest.model_json_schema()
+def invert_request_body(schema: type[BaseModel] | None = None) -> dict[str, Any]:
+    """openapi_extra for /invert (and /edit), which read their body themselves: the JSON form (InvertRequest,
+    EditRequest) and the multipart form, whose files replace images and whose other fields are the JSON form's."""
+    json_schema = (schema or InvertRequest).model_json_schema()
     files = {"type": "array", "minItems": 1, "description": "PNG or JPEG files",
              "items": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}}
     fields = {k: v for k, v in json_schema["properties"].items() if k != "images"}

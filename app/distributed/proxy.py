@@ -3,7 +3,8 @@ and Serve's own errors are JSON {"detail": ...} as the app's are.
 
 Serve answers a request whose replica died with its own 5xx, one that no replica sent (no X-Replica-ID). Such a
 request is retried, up to RETRIES times, when sending it again gives the same answer: /generate with a seed or x_T
-(the seed contract: the same images on any replica), /invert and /interpolate (deterministic), never an event stream.
+(the seed contract: the same images on any replica), /invert and /interpolate (deterministic), /edit at eta = 0 or
+with a seed, never an event stream.
 The retried answer carries X-Retries. Loaded into the proxy by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=
 app.distributed.proxy:middlewares, which ddim-serve-ray sets on the Serve controller (and so on its proxies).
 """
@@ -34,13 +35,18 @@ def _retryable(scope: Scope, body: bytes) -> bool:
         return False
     if scope.get("path") in IDEMPOTENT:
         return True
-    if scope.get("path") != "/generate":
+    if scope.get("path") not in ("/generate", "/edit"):
         return False
     try:
         data: Any = json.loads(body)
-    except ValueError:
+    except ValueError:  # an /edit upload: deterministic unless it sets eta (whose noise a seed may not fix)
+        multipart = b"multipart/form-data" in headers.get(b"content-type", b"")
+        return scope.get("path") == "/edit" and multipart and b'name="eta"' not in body
+    if not isinstance(data, dict):
         return False
-    return isinstance(data, dict) and (data.get("seed") is not None or data.get("x_T") is not None)
+    if scope.get("path") == "/edit":  # deterministic at eta = 0 (the default), or seeded
+        return not data.get("eta") or data.get("seed") is not None
+    return data.get("seed") is not None or data.get("x_T") is not None
 
 
 def json_errors(send: Send) -> Send:

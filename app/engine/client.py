@@ -24,7 +24,17 @@ from app.engine.tasks import Prepared, Work, prepare
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
 from app.models import LoadedModel, ModelStoreError, check_folder, discover, load_model, pick_device
-from app.sampling import Direction, Plan, ScheduleError, SolverPlan, draw, is_stochastic, sample_generators
+from app.sampling import (
+    Direction,
+    Plan,
+    ScheduleError,
+    SolverPlan,
+    draw,
+    first_steps,
+    is_stochastic,
+    last_steps,
+    sample_generators,
+)
 from app.startup import layouts_for, tune_process, warm_up
 
 log = logging.getLogger(__name__)
@@ -218,10 +228,15 @@ class Engine:
                      endpoint: str = "generate", class_labels: torch.Tensor | None = None,
                      guidance_scale: float = 1.0, shape: tuple[int, int, int] | None = None,
                      prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
-                     sampler: str = "ddim", solver_order: int | None = None) -> tuple[SampleJob, int | None]:
+                     sampler: str = "ddim", solver_order: int | None = None, partial: int | None = None,
+                     start: torch.Tensor | None = None) -> tuple[SampleJob, int | None]:
         """A validated generation job; the seed (chosen at random if None) is returned with it. shape: the
         stepper's sample shape (default: the model's); prompts (and negative_prompts) [n]: a text model's;
-        sampler: ddim, or a multistep solver (its plan then rides on the job)."""
+        sampler: ddim, or a multistep solver (its plan then rides on the job).
+
+        partial k: only the last k steps of the plan, from its level t_k (img2img, /edit). start [n, C, H, W]: a
+        clean sample in the stepper's space put at t_k as x = a_k start + s_k eps, eps the seed contract's first
+        draw (SDEdit, img2img); the generators go on to draw the steps' noise, as from a drawn x_T."""
         if large and model.kind != "vp":
             raise InvalidRequest("variance", f"variance 'large' (DDPM's sigma-hat) is defined for VP models only; "
                                              f"model {model.name!r} is a {model.kind} model")
@@ -236,7 +251,12 @@ class Engine:
                                                      "unipc); ddim has no order to set: leave it out")
             seq = self.check_steps(model, steps, schedule)
         else:
+            if partial is not None:
+                raise InvalidRequest("sampler", "a partial trip (image and strength) runs DDIM's steps from level "
+                                                f"t_k: use sampler 'ddim', not {sampler!r}")
             solver, seq = self.check_solver(model, sampler, steps, schedule, solver_order, eta, large, clip)
+        if partial is not None:
+            seq = last_steps(seq, partial)
         self._check_n(n, "n")
         stochastic = is_stochastic(eta, large)
         gens = None
@@ -246,6 +266,9 @@ class Engine:
             gens = sample_generators(seed, n)
             drawn = draw(gens, shape or model.sample_shape)
             x_T = drawn if x_T is None else self.check_latents(model, x_T, n, "x_T", shape)
+            if start is not None:  # SDEdit: the clean start at level t_k, with the seed contract's eps
+                x0 = self.check_latents(model, start, n, "image", shape)
+                x_T = float(seq.a[0]) * x0 + float(seq.s[0]) * drawn
         else:
             x_T = self.check_latents(model, x_T, n, "x_T", shape)
         clip_denoised = model.clip_sample if clip is None else clip
@@ -262,14 +285,21 @@ class Engine:
 
     def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str | None,
                    endpoint: str = "invert", class_labels: torch.Tensor | None = None,
-                   guidance_scale: float = 1.0) -> SampleJob:
+                   guidance_scale: float = 1.0, prompts: list[str] | None = None,
+                   negative_prompts: list[str] | None = None, partial: int | None = None,
+                   shape: tuple[int, int, int] | None = None) -> SampleJob:
+        """An inversion job from clean samples in the stepper's space (a latent model's encoded images), under
+        their class labels or prompts with guidance_scale (1: none); partial k: only the first k steps, to t_k."""
         if model.prediction_type == "sample":
             raise InvalidRequest("model", f"model {model.name!r} predicts x0 ('sample'); DDIM inversion needs an "
                                           "eps or v prediction, since eps is undefined at the clean start")
         seq = self.check_steps(model, steps, schedule, "invert")
+        if partial is not None:
+            seq = first_steps(seq, partial)
         self._check_n(images.shape[0], "images")
-        return SampleJob("invert", self.check_latents(model, images, images.shape[0], "images"), seq,
-                         endpoint=endpoint, **self._guidance(class_labels, guidance_scale))  # type: ignore[arg-type]
+        guidance = self._guidance(class_labels, guidance_scale, prompts, negative_prompts)
+        return SampleJob("invert", self.check_latents(model, images, images.shape[0], "images", shape), seq,
+                         endpoint=endpoint, **guidance)  # type: ignore[arg-type]
 
     async def run(self, model: LoadedModel, job: SampleJob, handle: RequestHandle | None = None) -> torch.Tensor:
         """Submit one job and await its samples; a cancelled await (cancel, deadline, client gone) cancels the job

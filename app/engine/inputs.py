@@ -31,6 +31,15 @@ def sample_shape(model: LoadedModel, work: Inputs) -> tuple[int, int, int]:
         raise InvalidRequest(field_name, message) from e
 
 
+def pixel_shape(model: LoadedModel, work: Inputs) -> tuple[int, int, int]:
+    """The shape of the images a task of this width x height takes in (the codec's pixels on a latent model)."""
+    c, h, w = sample_shape(model, work)
+    if model.codec is None:
+        return c, h, w
+    f = model.codec.factor
+    return model.codec.image_channels, h * f, w * f
+
+
 def texts_of(model: LoadedModel, work: Inputs, n: int) -> tuple[list[str], list[str]] | None:
     """A text model's prompts and negative prompts [n] (one given is used for every image); None for other models.
     Prompts past the tokenizer's limit are truncated as diffusers truncates them; the response says which."""

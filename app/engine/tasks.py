@@ -3,7 +3,9 @@
 - generate: one generation job from x_T (drawn from the seed, or given);
 - invert: one inversion job, then (return_reconstruction) a generation job from its x_T;
 - interpolate: the image ends inverted (one job each, side by side), slerp or lerp between the two latents,
-  then one generation job over the frames.
+  then one generation job over the frames;
+- edit, and generate from an image (img2img): the tasks that start from real images (app/engine/editing.py, which
+  also prepares invert).
 
 Everything a task needs is validated by prepare(), before any job is queued: a bad request never costs a step.
 On a latent pipeline x_T and x_0 are latents, and the images (the worker decodes them) come beside them.
@@ -25,7 +27,8 @@ from app.engine.jobs import SampleJob
 from app.models import LoadedModel
 from app.sampling import Direction, Plan, SolverPlan, Spacing, draw, lerp, sample_generators, slerp
 
-__all__ = ["End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work", "prepare"]
+__all__ = ["EditWork", "End", "GenerateWork", "InterpolateWork", "InvertWork", "Prepared", "Spacing", "Work",
+           "prepare"]
 
 ClassLabel = int | str | list[int | str] | None
 Text = str | list[str] | None
@@ -56,11 +59,14 @@ class Engine(Protocol):
                      endpoint: str = "generate", class_labels: torch.Tensor | None = None,
                      guidance_scale: float = 1.0, shape: tuple[int, int, int] | None = None,
                      prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
-                     sampler: str = "ddim", solver_order: int | None = None) -> tuple[SampleJob, int | None]: ...
+                     sampler: str = "ddim", solver_order: int | None = None, partial: int | None = None,
+                     start: torch.Tensor | None = None) -> tuple[SampleJob, int | None]: ...
 
     def invert_job(self, model: LoadedModel, images: torch.Tensor, *, steps: int, schedule: str | None,
                    endpoint: str = "invert", class_labels: torch.Tensor | None = None,
-                   guidance_scale: float = 1.0) -> SampleJob: ...
+                   guidance_scale: float = 1.0, prompts: list[str] | None = None,
+                   negative_prompts: list[str] | None = None, partial: int | None = None,
+                   shape: tuple[int, int, int] | None = None) -> SampleJob: ...
 
     async def run(self, model: LoadedModel, job: SampleJob, handle: RequestHandle | None = None) -> torch.Tensor: ...
 
@@ -97,6 +103,8 @@ class GenerateWork(_Common):
     seed: int | None = None
     x_T: torch.Tensor | None = None
     clip_denoised: bool | None = None
+    image: torch.Tensor | None = None  # img2img: one image [1, C, H, W] in [-1, 1] (pixels, as the codec takes them)
+    strength: float | None = None  # img2img: in (0, 1]; default 0.8 with an image
     task: str = field(default="generate", init=False)
 
 
@@ -105,6 +113,21 @@ class InvertWork(_Common):
     images: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [n, C, H, W] in [-1, 1]
     return_reconstruction: bool = False
     task: str = field(default="invert", init=False)
+
+
+@dataclass
+class EditWork(_Common):
+    """Invert images under the source condition for the first k = strength_steps(S, strength) steps, then generate
+    the same k steps back under the target (the _Common prompt / class_label / guidance_scale)."""
+
+    images: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [n, C, H, W] pixels in [-1, 1]
+    strength: float = 0.8
+    eta: float = 0.0
+    seed: int | None = None
+    source_prompt: Text = None
+    source_class_label: ClassLabel = None
+    source_guidance_scale: float = 1.0
+    task: str = field(default="edit", init=False)
 
 
 @dataclass
@@ -127,7 +150,7 @@ class InterpolateWork(_Common):
     task: str = field(default="interpolate", init=False)
 
 
-Work = GenerateWork | InvertWork | InterpolateWork
+Work = GenerateWork | InvertWork | InterpolateWork | EditWork
 
 
 @dataclass
@@ -146,7 +169,7 @@ def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[s
     sampler = getattr(work, "sampler", "ddim")
     out: dict[str, Any] = {"model": model.name, "steps": work.steps,
                            "schedule": work.schedule or model.schedule_for(sampler)}
-    if not isinstance(work, InvertWork):
+    if not isinstance(work, InvertWork | EditWork):
         out["sampler"] = sampler
     if model.conditional:
         out["class_label"] = None if labels is None else [model.class_names[int(i)] for i in labels]
@@ -161,11 +184,13 @@ def _echo(model: LoadedModel, work: Work, labels: torch.Tensor | None) -> dict[s
 
 def prepare(engine: Engine, work: Work) -> Prepared:
     """Validate work against its model (raises InvalidRequest, UnknownModel); nothing is queued yet."""
+    from app.engine import editing  # it builds on this module's types
+
     model = engine.model(work.model)
     if work.preview_every < 0:
         raise InvalidRequest("preview_every", "preview_every must be 0 (none) or a positive number of steps")
-    if model.conditioning == "text" or work.class_label is not None:
-        work.default_w = model.default_guidance
+    if (model.conditioning == "text" or work.class_label is not None) and not isinstance(work, InvertWork):
+        work.default_w = model.default_guidance  # inversion's default is 1, no guidance: the best round trip
     for name in ("width", "height"):
         if (getattr(work, name) or 0) ** 2 > engine.settings.max_image_pixels:
             raise InvalidRequest(name, f"{name} {getattr(work, name)} is past this server's size limit "
@@ -174,10 +199,14 @@ def prepare(engine: Engine, work: Work) -> Prepared:
         raise InvalidRequest("width", f"{work.width}x{work.height} is more than this server's "
                                       f"{engine.settings.max_image_pixels} pixels (DDIM_MAX_IMAGE_PIXELS)")
     _check_effective(model, work)
-    if isinstance(work, GenerateWork):
+    if isinstance(work, GenerateWork) and work.image is not None:
+        prepared = editing.prepare_img2img(engine, model, work)
+    elif isinstance(work, GenerateWork):
         prepared = _prepare_generate(engine, model, work)
     elif isinstance(work, InvertWork):
-        prepared = _prepare_invert(engine, model, work)
+        prepared = editing.prepare_invert(engine, model, work)
+    elif isinstance(work, EditWork):
+        prepared = editing.prepare_edit(engine, model, work)
     else:
         prepared = _prepare_interpolate(engine, model, work)
     prepared.n = _size(work)
@@ -189,7 +218,7 @@ def _size(work: Work) -> int:
     """The images a task makes: n, one per image inverted, or the frames."""
     if isinstance(work, GenerateWork):
         return work.n
-    return work.frames if isinstance(work, InterpolateWork) else int(work.images.shape[0])
+    return work.frames if isinstance(work, InterpolateWork) else int(work.images.shape[0])  # invert, edit
 
 
 def _check_effective(model: LoadedModel, work: Work) -> None:
@@ -199,13 +228,11 @@ def _check_effective(model: LoadedModel, work: Work) -> None:
             if getattr(work, name) is not None:
                 raise InvalidRequest(name, f"model {model.name!r} has no text encoder: {name} has no effect on it; "
                                            "leave it out")
-    if model.codec is not None:
-        ends = [] if not isinstance(work, InterpolateWork) else [
-            f"{name}.image" for name, e in (("start", work.start), ("end", work.end)) if e.image is not None]
-        if isinstance(work, InvertWork) or ends:
-            raise InvalidRequest("images" if isinstance(work, InvertWork) else ends[0],
-                                 f"model {model.name!r} is a latent pipeline: inverting images is not served for it "
-                                 "yet (the next issue adds it)")
+    if model.codec is not None and isinstance(work, InterpolateWork):
+        ends = [f"{name}.image" for name, e in (("start", work.start), ("end", work.end)) if e.image is not None]
+        if ends:
+            raise InvalidRequest(ends[0], f"model {model.name!r} is a latent pipeline: interpolating between image "
+                                          "ends is not served for it; invert the images (/invert) and give x_T ends")
     sample_shape(model, work)
     if work.w != 1 and model.conditioning != "text":
         if not model.conditional:
@@ -216,6 +243,8 @@ def _check_effective(model: LoadedModel, work: Work) -> None:
                                                    "unconditional and w has no effect; give class_label, or leave "
                                                    "out guidance_scale")
     if isinstance(work, GenerateWork):
+        if work.strength is not None and work.image is None:
+            raise InvalidRequest("strength", "strength is img2img's: give an image to start from, or leave it out")
         if work.variance == "large" and work.eta not in (0.0, 1.0):
             raise InvalidRequest("eta", "variance 'large' is the paper's sigma-hat row, whose mean is eta = 1's: "
                                         "eta has no effect with it; leave eta out")
@@ -231,7 +260,7 @@ def _check_work(engine: Engine, work: Work, prepared: Prepared) -> None:
     rows = 2 if conditioned and work.w not in (0.0, 1.0) else 1
     cost, cap = n * prepared.steps * rows, engine.settings.max_work
     if cost > cap:
-        field_name = {"generate": "n", "invert": "images", "interpolate": "frames"}[work.task]
+        field_name = {"generate": "n", "invert": "images", "interpolate": "frames", "edit": "images"}[work.task]
         raise InvalidRequest(field_name, f"this request is {cost} sample-steps ({n} samples x {prepared.steps} steps"
                                          f"{' x 2 rows for guidance' if rows == 2 else ''}); this server allows at "
                                          f"most {cap} (DDIM_MAX_WORK): ask for fewer samples or steps")
@@ -265,33 +294,6 @@ def _prepare_generate(engine: Engine, model: LoadedModel, work: GenerateWork) ->
         return Outcome(fields, {"x_T": x_T, "x_0": x_0, **images})
 
     return Prepared(model, work.steps, run, [job])
-
-
-def _prepare_invert(engine: Engine, model: LoadedModel, work: InvertWork) -> Prepared:
-    n = int(work.images.shape[0])
-    _check_n(engine, n, "images")
-    labels = engine.class_labels(model, work.class_label, n)
-    job = engine.invert_job(model, work.images, steps=work.steps, schedule=work.schedule, class_labels=labels,
-                            guidance_scale=work.w)
-    job.preview_every = work.preview_every
-    fields = _echo(model, work, labels)
-
-    async def run(handle: RequestHandle) -> Outcome:
-        x_T = await engine.run(model, _listen(job, handle), handle)
-        tensors = {"x_T": x_T}
-        if work.return_reconstruction:
-            # the inversion never clips, so neither does its round trip (clipping x0 breaks the ODE's symmetry)
-            back, _ = engine.generate_job(model, n=n, steps=work.steps, eta=0.0, large=False, schedule=work.schedule,
-                                          seed=None, x_T=x_T, clip=False, class_labels=labels,
-                                          guidance_scale=work.w)
-            back.preview_every = work.preview_every
-            rec = await engine.run(model, _listen(back, handle, offset=work.steps), handle)
-            tensors["reconstruction"] = rec
-            tensors["reconstruction_mse"] = (((rec.clamp(-1, 1) - work.images) / 2) ** 2).flatten(1).mean(1)
-        engine.count_images(model, "invert", n)
-        return Outcome(fields, tensors)
-
-    return Prepared(model, work.steps * (2 if work.return_reconstruction else 1), run, [job])
 
 
 def _end_latent(engine: Engine, model: LoadedModel, end: End, field_name: str,

@@ -18,6 +18,7 @@ class LatentCodec:
         config = vae.config
         self.factor = 2 ** (len(config.block_out_channels) - 1)
         self.channels = int(config.latent_channels)
+        self.image_channels = int(config.in_channels)
         self.scaling_factor = float(config.scaling_factor)
         self.shift_factor = float(config.get("shift_factor") or 0.0)
 

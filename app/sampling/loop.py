@@ -14,7 +14,7 @@ import torch
 from app.sampling.multistep import MultistepState, SolverRows, multistep_coefficients, multistep_update
 from app.sampling.multistep_plans import SolverPlan
 from app.sampling.noise import draw, is_stochastic
-from app.sampling.paths import Plan, vp_plan
+from app.sampling.paths import Plan, first_steps, last_steps, vp_plan
 from app.sampling.step import step_coefficients, take_step
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -94,3 +94,45 @@ def invert(
     """VP DDIM inversion alpha-bar = 1 -> tau_1 -> ... -> tau_S (eta = 0); returns x_T."""
     plan = vp_plan(alphas_cumprod, timesteps, "invert")
     return run_plan(_integer_timesteps(eps_model), x0, plan, prediction_type=prediction_type, progress=progress)
+
+
+def edit(
+    source: EpsModel,
+    target: EpsModel,
+    x0: torch.Tensor,
+    invert_plan: Plan,
+    generate_plan: Plan,
+    k: int,
+    *,
+    prediction_type: str = "epsilon",
+    eta: float = 0.0,
+    generators: list[torch.Generator] | None = None,
+    progress: Progress = _quiet,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """/edit offline: invert x0 under source for the first k steps of the S-step inversion plan (to level t_k),
+    then generate the last k steps of the S-step generation plan under target. Returns (x_{t_k}, x_0)."""
+    x_t = run_plan(source, x0, first_steps(invert_plan, k), prediction_type=prediction_type, progress=progress)
+    out = run_plan(target, x_t, last_steps(generate_plan, k), eta=eta, prediction_type=prediction_type,
+                   generators=generators, progress=progress)
+    return x_t, out
+
+
+def sdedit(
+    model: EpsModel,
+    x0: torch.Tensor,
+    generate_plan: Plan,
+    k: int,
+    generators: list[torch.Generator],
+    *,
+    prediction_type: str = "epsilon",
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    progress: Progress = _quiet,
+) -> torch.Tensor:
+    """img2img (SDEdit) offline: x = a_k x0 + s_k eps at level t_k, eps the generators' first draw (the seed
+    contract's x_T draw), then the last k steps of the generation plan."""
+    plan = last_steps(generate_plan, k)
+    eps = draw(generators, tuple(x0.shape[1:])).to(x0)
+    x = float(plan.a[0]) * x0 + float(plan.s[0]) * eps
+    return run_plan(model, x, plan, eta=eta, prediction_type=prediction_type, clip_denoised=clip_denoised,
+                    generators=generators, progress=progress)

@@ -42,6 +42,8 @@ BODIES = {  # a valid JSON body per endpoint, with every optional output on
                 "return_reconstruction": True},
     "/interpolate": {"model": "tiny", "start": {"seed": 1}, "end": {"seed": 2}, "frames": 2, "steps": 2,
                      "return_latents": True},
+    "/edit": {"model": "tiny", "images": [base64.b64encode(PNG_BYTES).decode()], "steps": 2, "strength": 1.0,
+              "return_latents": True},
 }
 
 

@@ -168,8 +168,8 @@ def test_refusals_name_their_field(http: httpx.Client, pipeline_store: Path) -> 
     tench = http.post("/generate", json={"model": "dit", "class_label": ["Tinca tinca", "tench"], "n": 2, "steps": 1,
                                          "seed": 0})
     assert tench.status_code == 200 and tench.json()["class_label"] == ["tench, Tinca tinca"] * 2  # synonyms
-    r = http.post("/invert", json={"model": "sd", "images": ["aGVsbG8="]})
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "images"
+    r = http.post("/invert", json={"model": "sd", "images": ["aGVsbG8="]})  # not an image (latent models invert)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "images.0"
 
 
 def test_long_prompts_are_truncated_and_said_so(http: httpx.Client) -> None:

@@ -310,7 +310,8 @@ def test_the_keyboard_reaches_everything_and_the_page_fits_360_px(browser: Any, 
         tab = by_id(browser, "tab-generate")
         tab.send_keys(Keys.ARROW_RIGHT)
         assert browser.switch_to.active_element.get_attribute("id") == "tab-invert"
-        for panel, key in (("invert", None), ("interpolate", Keys.END), ("generate", Keys.HOME)):
+        for panel, key in (("invert", None), ("edit", Keys.END), ("interpolate", Keys.ARROW_LEFT),
+                           ("generate", Keys.HOME)):
             if key:
                 browser.switch_to.active_element.send_keys(key)
             assert by_id(browser, panel).is_displayed()
@@ -328,3 +329,41 @@ def test_the_keyboard_reaches_everything_and_the_page_fits_360_px(browser: Any, 
         assert console_errors(browser) == []
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_edit_shows_the_source_the_edit_and_a_strength_sweep(browser: Any, server: str, api: httpx.Client,
+                                                               shots: Path) -> None:
+    """The Edit tab: a dropped image, its source class, the target class of the model settings and the strength
+    slider; the edit is /edit's answer, and the sweep shows /edit at each strength."""
+    image = api.post("/generate", json={"model": "tiny-cond", "steps": 4, "seed": 5},
+                     headers={"accept": "image/png"}).content
+    b64 = base64.b64encode(image).decode()
+    open_page(browser, server)
+    choose(browser, "model", "tiny-cond (vp, 8×8, grey, conditional)")
+    choose(browser, "class-label", "dog")
+    fill(browser, "guidance", 2)
+    browser.find_element("id", "tab-edit").click()
+    drop = """const [zone, b64, name] = arguments;
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const files = new DataTransfer();
+      files.items.add(new File([bytes], name, {type: "image/png"}));
+      zone.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));"""
+    browser.execute_script(drop, by_id(browser, "edit-drop"), b64, "dropped.png")
+    assert str(by_id(browser, "edit-source").get_attribute("src")).startswith("blob:")
+    choose(browser, "edit-source-class", "cat")
+    browser.execute_script("const s = arguments[0]; s.value = '0.5'; s.dispatchEvent(new Event('input'));",
+                           by_id(browser, "edit-strength"))
+    assert by_id(browser, "edit-strength-value").text == "0.50"
+    fill(browser, "edit-steps", 6)
+    said = run(browser, "edit")
+    assert said.startswith("Done: k = 3 of S = 6 steps each way"), said
+    body = {"model": "tiny-cond", "images": [b64], "steps": 6, "class_label": 1, "guidance_scale": 2,
+            "source_class_label": 0}
+    answer = api.post("/edit", json={**body, "strength": 0.5}).json()
+    assert sources(browser, "#edit-result") == data_urls(answer["images"])
+    sweep = sources(browser, "#edit-sweep img")
+    assert len(sweep) == 5
+    assert sweep[-1] == data_urls(api.post("/edit", json={**body, "strength": 1.0}).json()["images"])[0]
+    screenshot(browser, shots / "edit.png")
+    assert_local(server, requests_sent(browser))
+    assert console_errors(browser) == []

@@ -13,7 +13,8 @@ const LABELS = {
   guidance_scale: "Guidance", class_label: "Class", schedule: "Schedule", model: "Model", frames: "Frames",
   method: "Method", images: "Image", "images.0": "Image", "start.seed": "Start seed", "end.seed": "End seed",
   "start.image": "Start image", "end.image": "End image", start: "Start", end: "End", prompt: "Prompt",
-  negative_prompt: "Negative prompt", width: "Width", height: "Height",
+  negative_prompt: "Negative prompt", width: "Width", height: "Height", strength: "Strength",
+  source_class_label: "Source class", source_prompt: "Source prompt",
 };
 
 export class ApiError extends Error {

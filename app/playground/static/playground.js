@@ -1,6 +1,7 @@
-// The playground's entry: the API key, the models (GET /models), the tabs, and the three tasks.
+// The playground's entry: the API key, the models (GET /models), the tabs, and the four tasks.
 
 import { ApiError, getJSON, settings } from "./api.js";
+import { setUpEdit, showEditSource } from "./edit.js";
 import { setUpGenerate, setUpInterpolate, setUpInvert } from "./tasks.js";
 import { $, el, models, showModel, showSchedules } from "./ui.js";
 
@@ -22,6 +23,7 @@ async function loadModels() {
     const fallback = models.find((m) => m.default) || models[0];
     $("model").value = models.some((m) => m.name === chosen) ? chosen : fallback.name;
     showModel();
+    showEditSource();
     status.textContent = `Ready: ${models.length} model${models.length === 1 ? "" : "s"}` +
       (failed.length ? `; ${failed.length} failed to load.` : ".");
     status.dataset.state = "ready";
@@ -62,7 +64,7 @@ function setUpTabs(runs) {
 
 $("api-key").addEventListener("input", (e) => { settings.apiKey = e.target.value; });
 $("api-key").addEventListener("change", loadModels);
-$("model").addEventListener("change", showModel);
+$("model").addEventListener("change", () => { showModel(); showEditSource(); });
 $("sampler").addEventListener("change", showSchedules);
-setUpTabs([setUpGenerate(), setUpInvert(), setUpInterpolate()]);
+setUpTabs([setUpGenerate(), setUpInvert(), setUpInterpolate(), setUpEdit()]);
 loadModels();

@@ -61,13 +61,14 @@ export function samplerFields() {
 }
 
 /** The fields every task sends: model, schedule, and class and guidance on a conditional model; prompt, negative
- * prompt and guidance on a text model; the size on a latent model. Invert always runs DDIM, so it sends no schedule
- * of another sampler's. */
+ * prompt and guidance on a text model; the size on a latent model. Invert and Edit always run DDIM, so they send no
+ * schedule of another sampler's. */
 export function modelFields(task = "generate") {
   const out = {};
   const model = currentModel();
   if (model) out.model = model.name;
-  if ($("schedule").value && (task !== "invert" || $("sampler").value === "ddim")) out.schedule = $("schedule").value;
+  const ddimOnly = task === "invert" || task === "edit";
+  if ($("schedule").value && (!ddimOnly || $("sampler").value === "ddim")) out.schedule = $("schedule").value;
   if (model && model.conditional && $("class-label").value !== "") {
     out.class_label = Number($("class-label").value);
     out.guidance_scale = Number($("guidance").value);

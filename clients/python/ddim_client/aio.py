@@ -46,6 +46,10 @@ class AsyncClient:
                      **fields: Any) -> Result:
         return await self._run("invert", {**fields, "images": images}, on_progress)
 
+    async def edit(self, images: ImageLike | list[ImageLike], *, on_progress: ProgressFn | None = None,
+                   **fields: Any) -> Result:
+        return await self._run("edit", {**fields, "images": images}, on_progress)
+
     async def interpolate(self, start: Any, end: Any, *, on_progress: ProgressFn | None = None,
                           **fields: Any) -> Result:
         return await self._run("interpolate", {**fields, "start": start, "end": end}, on_progress)

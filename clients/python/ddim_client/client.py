@@ -51,8 +51,16 @@ class Client:
         return self._json("GET", "/models")["models"]
 
     def generate(self, *, on_progress: ProgressFn | None = None, **fields: Any) -> Result:
-        """POST /generate with fields (n, steps, eta, seed, ...); on_progress(event) streams progress."""
+        """POST /generate with fields (n, steps, eta, seed, ...); on_progress(event) streams progress. img2img:
+        image= (a PIL image, path, bytes or array) and strength= in (0, 1] (default 0.8)."""
         return self._run("generate", fields, on_progress)
+
+    def edit(self, images: ImageLike | list[ImageLike], *, on_progress: ProgressFn | None = None,
+             **fields: Any) -> Result:
+        """POST /edit: invert images under source_prompt / source_class_label for k = int(steps x strength) steps,
+        then generate them back under prompt / class_label; .images are the edits, .x_T the level-t_k latents
+        (with return_latents)."""
+        return self._run("edit", {**fields, "images": images}, on_progress)
 
     def invert(self, images: ImageLike | list[ImageLike], *, on_progress: ProgressFn | None = None,
                **fields: Any) -> Result:
@@ -64,7 +72,7 @@ class Client:
         return self._run("interpolate", {**fields, "start": start, "end": end}, on_progress)
 
     def submit(self, task: str, **fields: Any) -> Job:
-        """POST /jobs/{task} (generate, invert or interpolate): a Job, answered at once."""
+        """POST /jobs/{task} (generate, invert, interpolate or edit): a Job, answered at once."""
         state = self._json("POST", f"/jobs/{task}", json=wire.body(task, fields))
         return Job(self, state["id"], task)
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ddim_client.errors import APIError, JobCancelled, error_for
 
-TASKS = ("generate", "invert", "interpolate")
+TASKS = ("generate", "invert", "interpolate", "edit")
 ImageLike = Union[Image.Image, str, "os.PathLike[str]", bytes, np.ndarray]
 
 
@@ -88,7 +88,9 @@ def body(task: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in fields.items() if v is not None}
     if isinstance(out.get("x_T"), np.ndarray):
         out["x_T"] = encode_npy(out["x_T"])
-    if task == "invert" and "images" in out:
+    if task == "generate" and "image" in out:  # img2img: one image to start from
+        out["image"] = encode_image(out["image"])
+    if task in ("invert", "edit") and "images" in out:
         images = out["images"]
         many = isinstance(images, (list, tuple))
         out["images"] = [encode_image(im) for im in (images if many else [images])]
