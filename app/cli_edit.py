@@ -14,7 +14,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     target's (--class-label / --prompt, --guidance-scale)."""
     import torch
 
-    from app.cli import _announce, _load, _network, _plan, _read_images, _resolve, _writable
+    from app.cli_model import _announce, _load, _network, _plan, _read_images, _resolve, _writable
     from app.images import grid, pil_images, to_model_space
     from app.sampling import strength_steps
     from app.sampling.loop import edit
