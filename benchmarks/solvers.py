@@ -32,7 +32,7 @@ SOLVERS_JSON = ROOT / "benchmarks" / "solvers.json"
 
 
 def _batch(model: Any, batch: int, solver_share: float, steps: int = 20) -> ActiveBatch:
-    b = ActiveBatch(model.device, model.null_class)
+    b = ActiveBatch(model.device)
     rows = []
     for i in range(batch):
         x = draw(sample_generators(i, 1), model.sample_shape)
@@ -41,6 +41,7 @@ def _batch(model: Any, batch: int, solver_share: float, steps: int = 20) -> Acti
             job = SampleJob("generate", x, plan, solver=solver)
         else:
             job = SampleJob("generate", x, model.plan(steps, model.spacings[0], "generate"))
+        job.cond = model.label_cond(None, 1)  # what the worker's admission stage sets (unconditional)
         rows.append(Row(job, 0))
     b.add(rows)
     return b
@@ -49,6 +50,7 @@ def _batch(model: Any, batch: int, solver_share: float, steps: int = 20) -> Acti
 def _update(model: Any, b: ActiveBatch, out: torch.Tensor) -> None:
     """The worker's update of every row (worker.step without the forward)."""
     x, _, clip = b.inputs()
+    out = out.reshape(x.shape)  # the batch keeps each row flattened
     stepped = take_step(x, out, b.coefficients(), prediction_type=model.prediction_type, clip_denoised=clip)
     if bool(b.multistep.any()):
         sub = b.multistep.nonzero().squeeze(1)
@@ -61,6 +63,7 @@ def in_process(batch: int, reps: int) -> dict[str, Any]:
     batches = {"ddim": _batch(model, batch, 0.0), "dpmsolver++": _batch(model, batch, 1.0),
                "mixed": _batch(model, batch, 0.5)}
     x, t = batches["ddim"].inputs()[:2]
+    x = x.reshape(-1, *model.sample_shape)
     out = model.eps(x, t)
     times: dict[str, list[float]] = {"forward": [], **{k: [] for k in batches}}
     for _ in range(reps):
