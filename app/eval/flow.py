@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from app.eval.classifier import FMNISTClassifier, embed
 from app.eval.fid import fid, gaussian_stats
+from app.eval.samplers import samples
 from app.models import LoadedModel
-from app.sampling import draw, sample_generators
 from app.sampling.loop import run_plan
 from app.train.data import load_split, to_model_space
 
@@ -42,19 +42,6 @@ class FlowResults:
     agreement: dict[tuple[str, int], float] = field(default_factory=dict)
     recon: dict[tuple[str, int], float] = field(default_factory=dict)  # (model kind, S) -> MSE, pixels in [0, 1]
     seconds: float = 0.0
-
-
-def _samples(model: LoadedModel, steps: int, n: int, batch: int, w: float | None, bar: tqdm) -> torch.Tensor:
-    out = []
-    for first in range(0, n, batch):
-        k = min(batch, n - first)
-        x_T = draw(sample_generators(first, k), model.sample_shape).to(model.device)
-        labels = None if w is None else torch.arange(first, first + k) % 10
-        net = model.network(labels, 1.0 if w is None else w)
-        out.append(run_plan(net, x_T, model.plan(steps, model.spacings[0], "generate"),
-                            prediction_type=model.prediction_type, clip_denoised=model.clip_sample).cpu())
-        bar.update(k * steps)
-    return torch.cat(out)
 
 
 def _reconstruction(model: LoadedModel, x0: torch.Tensor, steps: int) -> float:
@@ -80,10 +67,10 @@ def evaluate_flow(flow: LoadedModel, ddpm: LoadedModel, clf: FMNISTClassifier, c
     work = sum(cfg.steps) * cfg.n * (1 + sum(1 if w in (None, 1.0) else 2 for w in rows))
     bar = tqdm(total=work, desc="eval-flow", unit="img-step", unit_scale=True, disable=not progress)
     for s in cfg.steps:
-        r.fid["DDPM, DDIM eta = 0", s] = fid(embed(clf, _samples(ddpm, s, cfg.n, cfg.batch_size, None, bar)).features,
-                                             ref)
+        ddim = samples(ddpm, "ddim", s, cfg.n, cfg.batch_size, None, bar)
+        r.fid["DDPM, DDIM eta = 0", s] = fid(embed(clf, ddim).features, ref)
         for w in rows:
-            e = embed(clf, _samples(flow, s, cfg.n, cfg.batch_size, w, bar))
+            e = embed(clf, samples(flow, "ddim", s, cfg.n, cfg.batch_size, w, bar))
             r.fid[f"flow, {row_label(w)}", s] = fid(e.features, ref)
             if w is not None:
                 r.agreement[f"flow, {row_label(w)}", s] = float((e.classes == np.arange(cfg.n) % 10).mean())
