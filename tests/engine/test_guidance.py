@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.engine.client import Engine, InvalidRequest
+from app.engine.client import Engine
+from app.engine.errors import InvalidRequest
 from app.engine.jobs import SampleJob
 from app.engine.worker import BatchWorker
 from app.metrics import Metrics
