@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dry_run(*args: str) -> str:
-    r = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=_top_level())
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -41,7 +41,7 @@ def test_the_serve_banner_names_the_address_the_server_listens_on(tiny_store: Pa
     (venv / "bin").symlink_to(Path(sys.executable).parent)
     (venv / ".installed").touch()
     port = free_port()
-    env = {**os.environ, "DDIM_PORT": str(port), "DDIM_MODEL_STORE": str(tiny_store), "PYTHONPATH": str(ROOT),
+    env = {**_top_level(), "DDIM_PORT": str(port), "DDIM_MODEL_STORE": str(tiny_store), "PYTHONPATH": str(ROOT),
            "DDIM_WARMUP": "false", "DDIM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(["make", "serve", f"VENV={venv}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -66,3 +66,9 @@ def test_the_serve_banner_names_the_address_the_server_listens_on(tiny_store: Pa
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _top_level() -> dict[str, str]:
+    """This environment as a user's shell has it: under `make test` (CI, the README) make's own variables would make
+    the make run here a sub-make, which prints "Entering directory" lines around its output."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
