@@ -70,5 +70,7 @@ def test_the_serve_banner_names_the_address_the_server_listens_on(tiny_store: Pa
 
 def _top_level() -> dict[str, str]:
     """This environment as a user's shell has it: under `make test` (CI, the README) make's own variables would make
-    the make run here a sub-make, which prints "Entering directory" lines around its output."""
-    return {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    the make run here a sub-make, which prints "Entering directory" lines around its output; and the variables given
+    on that make's command line (CI's `make test EXTRAS=dev,ray`), which make exports, would override this file's."""
+    inherited = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "EXTRAS", "VENV", "PYTHON", "TORCH_PIP_ARGS")
+    return {k: v for k, v in os.environ.items() if k not in inherited}

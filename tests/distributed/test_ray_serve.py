@@ -234,9 +234,18 @@ def test_the_dashboard_over_replicas_on_a_real_prometheus(proxy: httpx.Client, t
         assert {s["metric"][label] for s in series(prometheus, f"group by ({label}) ({metric})")} == live
 
         by_title = {p["title"]: p["targets"][0]["expr"] for p in d["panels"] if p.get("targets")}
-        at = time.time() - 3  # samples before it are final: no scrape in flight adds to them
+        by_replica = substitute(by_title["Sample-steps/s by replica"], d)
+
+        def settled() -> float:  # samples before it are final: no scrape in flight adds to them
+            return time.time() - 3
+
+        # a rate needs two samples of a replica's counter; a busy replica's scrapes can time out, so its second
+        # sample may come only after the load (CI): wait until both replicas have a rate at a settled time
+        wait_for(lambda: {s["metric"]["replica"] for s in series(prometheus, by_replica, settled())} == live,
+                 "a replica's sample-steps never got a rate")
+        at = settled()
         total = series(prometheus, substitute(by_title["Sample-steps/s"], d), at)
-        per_replica = series(prometheus, substitute(by_title["Sample-steps/s by replica"], d), at)
+        per_replica = series(prometheus, by_replica, at)
         assert {s["metric"]["replica"] for s in per_replica} == live
         values = {s["metric"]["replica"]: float(s["value"][1]) for s in per_replica}
         assert all(v > 0 for v in values.values()), values
