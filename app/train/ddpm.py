@@ -66,6 +66,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 250
+    snapshot_every: int = 1000  # EMA weights kept at these steps: the training curve's points (docs/quality.md)
     threads: int = 0
     objective: str = "epsilon"  # or "flow"
     num_classes: int = 0  # > 0: class-conditional, with one more (null) label
@@ -131,7 +132,8 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None, ini
     """Train (or resume) until cfg.steps or max_minutes; returns the checkpoint path.
 
     A checkpoint in workdir wins; without one, init_from (a model folder of ours) gives the starting weights.
-    Every 50 steps the mean loss is appended to workdir/loss.jsonl (the training curve of docs/quality.md).
+    Every 50 steps the mean loss is appended to workdir/loss.jsonl, and every cfg.snapshot_every steps the EMA
+    weights are kept as workdir/snapshots/ema-STEP.safetensors: the training curve of docs/quality.md.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "checkpoint.pt"
@@ -200,6 +202,8 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None, ini
             loss_log.write(json.dumps({"step": step, "loss": sum(losses) / len(losses)}) + "\n")
             loss_log.flush()
             losses.clear()
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            save_snapshot(workdir, ema, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             wall += time.monotonic() - t0
             t0 = time.monotonic()
@@ -209,6 +213,21 @@ def train(cfg: TrainConfig, workdir: Path, max_minutes: float | None = None, ini
     loss_log.close()
     bar.close()
     return ckpt_path
+
+
+def save_snapshot(workdir: Path, ema: torch.nn.Module, step: int) -> Path:
+    """The EMA weights at this step, as workdir/snapshots/ema-STEP.safetensors (11 MB for the bundled UNet)."""
+    from safetensors.torch import save_file
+
+    path = workdir / "snapshots" / f"ema-{step:06d}.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(path))
+    return path
+
+
+def snapshots(workdir: Path) -> dict[int, Path]:
+    """The kept EMA snapshots of a training run, by step."""
+    return {int(p.stem.split("-")[1]): p for p in sorted((workdir / "snapshots").glob("ema-*.safetensors"))}
 
 
 def export(workdir: Path, out: Path) -> dict:
