@@ -48,13 +48,14 @@ POSITIVE = number(float, 0, strict=True)
 SHARE = number(float, 0.0, 1.0)
 
 
-def counts(text: str, flag: str) -> tuple[int, ...]:
-    """A comma-separated list of counts, e.g. 10,20,50; a usage error naming the flag otherwise."""
+def counts(text: str, flag: str, allow_none: bool = False) -> tuple[int, ...]:
+    """A comma-separated list of counts, e.g. 10,20,50 ('' where allow_none); a usage error naming the flag
+    otherwise."""
     try:
         values = tuple(int(COUNT(v.strip())) for v in text.split(",") if v.strip())
     except argparse.ArgumentTypeError as e:
         raise CliError(f"argument {flag}: {e}", USAGE) from None
-    if not values:
+    if not values and not allow_none:
         raise CliError(f"argument {flag}: no numbers in {text!r}", USAGE)
     return values
 

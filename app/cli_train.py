@@ -66,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(n=args.n, n_long=args.n_long, n_recon=args.n_recon, n_balance=args.n_balance,
                      batch_size=args.batch_size, steps=counts(args.steps, "--steps"),
-                     long_steps=counts(args.long_steps, "--long-steps"),
+                     long_steps=counts(args.long_steps, "--long-steps", allow_none=True),
                      recon_steps=counts(args.recon_steps, "--recon-steps"))
     folder = model_folder(store_of(args), args.model, args.model)
     torch.set_num_threads(args.threads)
@@ -148,7 +148,7 @@ def add_commands(command: Command) -> None:
     q.add_argument("--n-recon", type=COUNT, default=32, help="test images per Table 2 cell")
     q.add_argument("--n-balance", type=COUNT, default=500, help="samples of the class-balance check")
     q.add_argument("--steps", default="10,20,50,100", help="Table 1's S, all five rows")
-    q.add_argument("--long-steps", default="1000", help="Table 1's long S (eta = 0 and sigma-hat only)")
+    q.add_argument("--long-steps", default="1000", help="Table 1's long S (eta = 0 and sigma-hat only; '' for none)")
     q.add_argument("--recon-steps", default="10,20,50,100,200,500,1000", help="Table 2's S")
     q.add_argument("--batch-size", type=COUNT, default=128)
     q.add_argument("--threads", type=COUNT, default=1, help="torch threads")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from app.eval.classifier import FMNISTClassifier, embed
+from app.eval.curve import curve_md, history_md, image_name
 from app.eval.fid import fid, gaussian_stats
 from app.eval.samplers import samples
 from app.models import LoadedModel
@@ -103,6 +104,7 @@ def flow_md(r: FlowResults, cfg: FlowEvalConfig, flow: LoadedModel, ddpm: Loaded
            f"against the DDPM model's {r.fid['DDPM, DDIM eta = 0', s10]:.2f} at DDIM eta = 0: "
            + ("straight paths win at few steps here." if r.fid['flow, unconditional', s10]
               < r.fid['DDPM, DDIM eta = 0', s10] else "straight paths do not win at few steps here, as measured."))
+    curve = curve_md(flow.path, f"img/{image_name(flow.name)}")
     return f"""# The flow model beside the DDPM model
 
 `{flow.name}` (rectified flow, class-conditional, {flow.kind} path, shift {flow.shift}) against `{ddpm.name}`
@@ -124,7 +126,7 @@ the DDPM model, at the same batch size: not yet a comparison between equals. Mad
 ## How often the classifier agrees with the requested class
 
 {head}{agree_rows}
-## Reconstruction: invert a test image at eta = 0, generate it back (per-pixel MSE, pixels in [0, 1])
+{curve}## Reconstruction: invert a test image at eta = 0, generate it back (per-pixel MSE, pixels in [0, 1])
 
 {cfg.n_recon} test images; flow inversion runs the Euler loop with the sigmas reversed, DDIM inversion is Eq. 14.
 
@@ -173,6 +175,7 @@ trained on Fashion-MNIST, served by ddim-serve with Euler/DDIM sampling, inversi
 - AdamW, lr {info["lr"]}, batch {info["batch_size"]}, EMA {info["ema_decay"]}, seed {info["seed"]}.
 - This export: step {info["step"]} of the planned 8,000 ({info["wall_seconds"] / 3600:.1f} h on 2 shared CPU
   cores). Training goes on from the same checkpoint.
+{history_md(info)}
 - {info["parameters"]:,} parameters.
 
 ```json

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.eval.curve import history_md
 from app.eval.quality import FLOOR_DRAWS, ROWS, EvalConfig, Results
 from app.images import grid
 from app.train.data import CLASSES
@@ -187,7 +188,7 @@ train images against the test set, {FLOOR_DRAWS} random subsets, mean ± sd) is:
 
 {balance_line(r, cfg)}
 
-## Pictures
+{meta.get('curve', '')}## Pictures
 
 Grids of seeds 0–{max(map(len, r.grids.values()), default=0) - 1}, 8 per row, at S = {', '.join(map(str, r.grids))} (η = 0: the same x_T in
 every grid), and a
@@ -249,7 +250,7 @@ Noise schedule (`scheduler/scheduler_config.json`):
 ## Training
 
 Optimiser steps: {steps}. Wall time: {wall}.
-
+{history_md(training)}
 ## Quality
 
 FID-FMNIST (64-d features of a Fashion-MNIST classifier; see `docs/quality.md`), paper's CIFAR10 FID

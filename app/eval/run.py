@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from app.eval.cache import EvalCache, default_cache_path, fingerprint
 from app.eval.classifier import WEIGHTS, load_classifier
+from app.eval.curve import curve_md, image_name
 from app.eval.quality import EvalConfig, Results, evaluate
 from app.eval.report import model_card, quality_md, write_images
 from app.models import load_model, pick_device
@@ -57,7 +58,8 @@ def run_eval(paths: EvalPaths, cfg: EvalConfig, threads: int, progress: bool = T
 
     images = write_images(results, paths.out.parent / "img")
     meta = {"model": model.name, "classifier_accuracy": classifier_accuracy(), "threads": threads,
-            "command": reproduce_command(paths, cfg, threads), "cache": cache_path, "clip": model.clip_sample}
+            "command": reproduce_command(paths, cfg, threads), "cache": cache_path, "clip": model.clip_sample,
+            "curve": curve_md(paths.model_dir, f"img/{image_name(model.name)}")}
     paths.out.parent.mkdir(parents=True, exist_ok=True)
     paths.out.write_text(quality_md(results, cfg, meta, images, paths.out))
     log.info("wrote %s and %d pictures", paths.out, len(images))

@@ -48,17 +48,19 @@ class SamplerResults:
 
 
 def samples(model: LoadedModel, sampler: str, steps: int, n: int, batch: int, w: float | None,
-            bar: tqdm | None = None) -> torch.Tensor:
-    """n samples from seeds 0..n-1 with this sampler at S steps (w None: unconditional)."""
+            bar: tqdm | None = None, eta: float = 0.0) -> torch.Tensor:
+    """n samples from seeds 0..n-1 with this sampler at S steps (w None: unconditional; eta: ddim's)."""
     out = []
     for first in range(0, n, batch):
         k = min(batch, n - first)
-        x_T = draw(sample_generators(first, k), model.sample_shape).to(model.device)
+        generators = sample_generators(first, k)  # x_T, then (eta > 0) each step's noise: the seed contract
+        x_T = draw(generators, model.sample_shape).to(model.device)
         labels = None if w is None else torch.arange(first, first + k) % 10
         net = model.network(labels, 1.0 if w is None else w)
         if sampler == "ddim":
-            x = run_plan(net, x_T, model.plan(steps, model.spacings[0], "generate"),
-                         prediction_type=model.prediction_type, clip_denoised=model.clip_sample)
+            x = run_plan(net, x_T, model.plan(steps, model.spacings[0], "generate"), eta=eta,
+                         prediction_type=model.prediction_type, clip_denoised=model.clip_sample,
+                         generators=generators)
         else:
             plan, _ = model.solver_plan(sampler, steps, model.schedule_for(sampler), 2)
             x = run_solver(net, x_T, plan)

@@ -220,7 +220,7 @@ def save_snapshot(workdir: Path, ema: torch.nn.Module, step: int) -> Path:
     from safetensors.torch import save_file
 
     path = workdir / "snapshots" / f"ema-{step:06d}.safetensors"
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(path))
     return path
 
@@ -238,7 +238,8 @@ def export(workdir: Path, out: Path) -> dict:
     unet.load_state_dict(state["ema"])
     write_model_folder(out, unet, cfg["scheduler"], class_names=cfg.get("class_names") or None)
     info = {"step": state["step"], "wall_seconds": round(state["wall"], 1), "batch_size": cfg["batch_size"],
-            "objective": cfg.get("objective", "epsilon"), "class_dropout": cfg.get("class_dropout"),
+            "objective": cfg.get("objective", "epsilon"),
+            **({"class_dropout": cfg.get("class_dropout")} if cfg.get("num_classes") else {}),
             "lr": cfg["lr"], "ema_decay": cfg["ema_decay"], "seed": cfg["seed"],
             "parameters": sum(p.numel() for p in unet.parameters())}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
