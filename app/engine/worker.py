@@ -8,7 +8,8 @@ far shorter jobs are stepped ahead of long ones.
 The worker never asks which pipeline it runs: a job's labels or texts become per-row cond tensors when it is
 admitted (the model's conditioner encodes the texts of jobs admitted together in one forward, through its cache),
 each forward is model.eps(x, t, cond) over the rows of one sample shape, and where the model has a codec the
-final samples of the jobs finishing on a step are decoded together.
+final samples of the jobs finishing on a step are decoded together, on the worker's decode thread: the next
+steps' forwards do not wait for a VAE (vLLM likewise keeps detokenising off its engine loop).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -65,6 +67,9 @@ class BatchWorker:
         self._sample_steps = metrics.sample_steps.labels(name)
         self._queue_wait = metrics.queue_wait.labels(name)
         self.stages = Stages(model, metrics)
+        # one thread decodes the finished jobs of a latent model in order while the loop steps on
+        self._decoder = None if model.codec is None else \
+            ThreadPoolExecutor(1, thread_name_prefix=f"decode-{model.name}")
 
     # -- the interface callers see -------------------------------------------------------------
     def start(self) -> None:
@@ -218,13 +223,28 @@ class BatchWorker:
             row.job.remaining -= 1
             if row.job.remaining == 0 and row.job not in broken:
                 done.append(row.job)
-        failed = self.stages.decode([j for j in done if j.decode])
-        self._fail_each(failed, "decode_error")
-        for job in done:
-            if job not in failed:
-                now = time.monotonic()
-                first = job.first_step_at or now
-                resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
+        latent = [j for j in done if j.decode]
+        self._finish([j for j in done if not j.decode])
+        if latent and self._decoder is not None:
+            self._decoder.submit(self._decode_and_finish, latent)
+        elif latent:
+            self._decode_and_finish(latent)
+
+    def _decode_and_finish(self, jobs: list[SampleJob]) -> None:
+        """Decode finished latent jobs together and settle them (on the decode thread: never touches the batch)."""
+        failed = self.stages.decode(jobs)
+        for job, message in failed.items():
+            self.metrics.failures.labels(self.model.name, "decode_error").inc()
+            log.error("%s; failing request %s", message, job.tag or job.id)
+            resolve(job, error=EngineError(message))
+        self._finish([j for j in jobs if j not in failed])
+
+    @staticmethod
+    def _finish(jobs: list[SampleJob]) -> None:
+        for job in jobs:
+            now = time.monotonic()
+            first = job.first_step_at or now
+            resolve(job, result=JobResult(job.out, first - job.submitted_at, now - first))
 
     def _row(self, idx: torch.Tensor | None, k: int) -> Row:
         return self.batch.rows[k if idx is None else int(idx[k])]
@@ -320,6 +340,8 @@ class BatchWorker:
                 log.exception("step failed on model %s; failing %d active samples", self.model.name, len(self.batch))
                 self._fail_active(EngineError(f"sampling failed on model {self.model.name!r}: {e}"))
                 self._gauges()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)  # the jobs that finished their steps get their images
         with self._cond:
             pending, self.waiting = list(self.waiting), deque()
         error = EngineError("the server is shutting down")

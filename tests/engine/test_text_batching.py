@@ -1,9 +1,12 @@
 """A latent text model in the step-level engine, driven step by step in-process: requests of different prompts,
 negative prompts, guidance scales and sizes share each step (one forward per latent size), their prompts are
-encoded in one call at admission, and each returns what it returns alone; finished jobs are decoded together."""
+encoded in one call at admission, and each returns what it returns alone; finished jobs are decoded together, on
+the worker's decode thread, while the next steps run."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,10 @@ def _run(worker: BatchWorker, *jobs: SampleJob) -> None:
         worker.submit(job)
     while not all(j.future.done() for j in jobs):
         worker._admit()
-        worker.step()
+        if len(worker.batch):
+            worker.step()
+        else:  # every row has stepped: what is left is the decode thread's
+            assert wait([j.future for j in jobs], timeout=60).not_done == set()
 
 
 def test_mixed_prompts_guidance_and_sizes_share_steps_and_equal_each_alone(sd: LoadedModel) -> None:
@@ -97,3 +103,48 @@ def test_a_failing_encoder_fails_only_its_requests(sd: LoadedModel, monkeypatch:
         job.future.result(timeout=1)
     assert len(worker.batch) == 0
     assert metrics.registry.get_sample_value("ddim_failures_total", {"model": "sd", "cause": "encode_error"}) == 1
+
+
+def test_the_next_steps_do_not_wait_for_a_decode(sd: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's VAE decode runs on the decode thread: while it is held, the worker steps another job."""
+    engine, worker = Engine(Settings(), Metrics()), BatchWorker(sd, Metrics())
+    assert sd.codec is not None
+    gate, decoding, decode = threading.Event(), threading.Event(), sd.codec.decode
+
+    def held(z: torch.Tensor) -> torch.Tensor:
+        decoding.set()
+        assert gate.wait(60), "the test never released the decode"
+        return decode(z)
+
+    monkeypatch.setattr(sd.codec, "decode", held)
+    first, second = _job(engine, sd, 1, ["a cat"], 7.5), _job(engine, sd, 2, ["a dog"], 7.5)
+    worker.submit(first)
+    worker._admit()
+    for _ in range(S):
+        worker.step()
+    assert decoding.wait(60) and not first.future.done()  # its steps are done, its decode is held
+    worker.submit(second)
+    worker._admit()
+    for _ in range(S):  # on the worker's side nothing waits for the decode
+        worker.step()
+    assert len(worker.batch) == 0 and not first.future.done()
+    gate.set()
+    assert first.future.result(timeout=60).x.shape == second.future.result(timeout=60).x.shape
+    assert first.images is not None and second.images is not None
+
+
+def test_a_failing_decode_fails_only_its_requests(sd: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, metrics = Engine(Settings(), Metrics()), Metrics()
+    worker = BatchWorker(sd, metrics)
+    assert sd.codec is not None
+    decode = sd.codec.decode
+    monkeypatch.setattr(sd.codec, "decode", lambda z: (_ for _ in ()).throw(RuntimeError("no VAE")))
+    broken = _job(engine, sd, 1, ["a cat"], 7.5)
+    with pytest.raises(Exception, match=r"decoding the latents failed on model 'sd'.*no VAE"):
+        _run(worker, broken)
+        broken.future.result()
+    monkeypatch.setattr(sd.codec, "decode", decode)
+    fine = _job(engine, sd, 2, ["a cat"], 7.5)
+    _run(worker, fine)
+    assert fine.images is not None and fine.future.result().x.shape[0] == 1
+    assert metrics.registry.get_sample_value("ddim_failures_total", {"model": "sd", "cause": "decode_error"}) == 1
