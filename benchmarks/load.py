@@ -149,9 +149,14 @@ class Background:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """Hang up the clients (without waiting for the server): stop every load first when several run at once,
+        or the first to wait for an idle server waits on the others' traffic."""
         self._stop.set()
         self._thread.join(30)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
         asyncio.run(drained(self.url))  # the server cancels the hung-up clients' jobs
 
 

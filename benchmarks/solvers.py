@@ -94,6 +94,8 @@ def _rate(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds: flo
         return (steps_at(url) - s0) / (time.monotonic() - t0)
     finally:
         for load in loads:
+            load.stop()
+        for load in loads:
             load.__exit__(None, None, None)
 
 

@@ -56,11 +56,16 @@ class TextConditioner:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Cond] = OrderedDict()
         self._lock = threading.Lock()
+        # a fast (Rust) tokenizer keeps its padding and truncation as state that each call sets: the routes'
+        # truncated() and the worker's padded encode must not interleave, or an unpadded encoding (7 tokens, not 77)
+        # reaches the cache and every later batch with that text fails to concatenate
+        self._tokenizing = threading.Lock()
 
     def truncated(self, text: str) -> bool:
         """Whether the text is longer than the first tokenizer's limit (the part past it is dropped, as diffusers
         drops it)."""
-        return len(self.encoders[0][0](text).input_ids) > self.token_limit
+        with self._tokenizing:
+            return len(self.encoders[0][0](text).input_ids) > self.token_limit
 
     def encode(self, texts: list[str]) -> Encoded:
         """Encodings of texts [n, ...]; the texts not cached are encoded in one forward of each encoder."""
@@ -86,7 +91,8 @@ class TextConditioner:
         return Encoded(cat(*rows), hits, len(texts) - hits, seconds)
 
     def _ids(self, tokenizer: Any, texts: list[str], length: int) -> torch.Tensor:
-        ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        with self._tokenizing:
+            ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return ids.input_ids.to(self.device)
 
     def _forward(self, texts: list[str]) -> Cond:
@@ -113,6 +119,7 @@ class TextConditioner:
         if self.t5 is None:
             return torch.zeros((len(texts), T5_TOKENS, self.joint_dim), device=self.device, dtype=dtype)
         tokenizer, encoder = self.t5
-        ids = tokenizer(texts, padding="max_length", max_length=T5_TOKENS, truncation=True, add_special_tokens=True,
-                        return_tensors="pt").input_ids.to(self.device)
+        with self._tokenizing:
+            ids = tokenizer(texts, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
         return encoder(ids)[0].to(dtype)
