@@ -62,7 +62,8 @@ def error_status(error: BaseException) -> int:
 
 @dataclass(eq=False)
 class RequestHandle:
-    """One request in the engine. Created by Engine.submit; read from the event loop's thread only."""
+    """One request in the engine. Created by Engine.submit; read from the event loop's thread only (but for
+    _stepped, which the worker's thread writes)."""
 
     task: str
     model: str
@@ -88,6 +89,7 @@ class RequestHandle:
         self._runner: asyncio.Task[Outcome] | None = None
         self._first_progress: float | None = None
         self._submitted = time.monotonic()
+        self._stepped = 0  # the worker's latest step count, written from its thread (an int: one atomic store)
 
     # -- reading ------------------------------------------------------------------------------
     @property
@@ -97,7 +99,8 @@ class RequestHandle:
     def state(self) -> dict[str, Any]:
         """{id, task, status, progress, created_at, started_at?, finished_at?, error?} (JSON-ready)."""
         out: dict[str, Any] = {"id": self.id, "task": self.task, "model": self.model, "status": self.status,
-                               "progress": {"step": self.step, "steps": self.steps}, "created_at": self.created_at}
+                               "progress": {"step": self.current_step, "steps": self.steps},
+                               "created_at": self.created_at}
         if self.started_at is not None:
             out["started_at"] = self.started_at
         if self.finished_at is not None:
@@ -139,11 +142,22 @@ class RequestHandle:
         self._runner = runner
         runner.add_done_callback(self._finish)
 
+    @property
+    def current_step(self) -> int:
+        """Steps done: what the loop has published, or the worker's later count where nobody listens."""
+        return max(self.step, self._stepped)
+
     def progress_listener(self, loop: asyncio.AbstractEventLoop, offset: int = 0
                           ) -> Callable[[int, torch.Tensor | None], None]:
-        """A SampleJob.on_progress for one phase of this request, whose steps count from offset; thread-safe."""
+        """A SampleJob.on_progress for one phase of this request, whose steps count from offset; thread-safe.
+
+        It wakes the event loop only when there is something to do there: a preview, an event stream to feed, or
+        the request's start. Otherwise it just records the count, which state() reads: a plain /generate costs the
+        loop one wake-up, not one per step (at 8 requests x 87 steps/s that was 700 a second beside the worker)."""
         def listener(done: int, preview: torch.Tensor | None) -> None:
-            loop.call_soon_threadsafe(self._on_progress, offset + done, preview, time.time())
+            self._stepped = offset + done
+            if preview is not None or self._subscribers or self.status == "queued":
+                loop.call_soon_threadsafe(self._on_progress, offset + done, preview, time.time())
         return listener
 
     def _on_progress(self, step: int, preview: torch.Tensor | None, at: float) -> None:
@@ -183,7 +197,7 @@ class RequestHandle:
             callback(self)
 
     def _progress_event(self) -> Event:
-        return Event("progress", {"step": self.step, "steps": self.steps, "at": time.time()})
+        return Event("progress", {"step": self.current_step, "steps": self.steps, "at": time.time()})
 
     def _final_event(self) -> Event:
         if self.status == "succeeded":

@@ -60,6 +60,7 @@ class BatchWorker:
         self._cancel_pending = False
         self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}", daemon=True)
         self._step_seconds = 0.0  # moving average, for Retry-After
+        self._joining = 0  # rows taken from the queue (under the lock) and not yet in the batch: still counted
         self._cpu = model.device.type == "cpu" and release_idle
         name = model.name
         self._batch_size = metrics.batch_size.labels(name)
@@ -85,7 +86,7 @@ class BatchWorker:
     def submit(self, job: SampleJob) -> SampleJob:
         """Queue a validated job; raises QueueFull past max_queue waiting + active samples."""
         with self._cond:
-            load = len(self.waiting) + len(self.batch)
+            load = len(self.waiting) + len(self.batch) + self._joining
             if load + job.n > self.max_queue:
                 raise QueueFull(self.model.name, self.retry_after())
             job.future.set_running_or_notify_cancel()  # from now on only cancel() stops it
@@ -144,13 +145,18 @@ class BatchWorker:
             if r.job.first_step_at is None:
                 r.job.first_step_at = now
             self._queue_wait.observe(now - r.job.submitted_at)
+        self._joining = len(rows)
         return rows
 
     def _join(self, rows: list[Row]) -> None:
         """Condition the newly admitted jobs, then add their rows to the batch (a step boundary)."""
-        failed = self.stages.condition(list({id(r.job): r.job for r in rows}.values()))
-        self._fail_each(failed, "encode_error")
-        self.batch.add([r for r in rows if r.job not in failed])
+        try:
+            failed = self.stages.condition(list({id(r.job): r.job for r in rows}.values()))
+            self._fail_each(failed, "encode_error")
+            self.batch.add([r for r in rows if r.job not in failed])
+        finally:
+            with self._cond:
+                self._joining = 0
 
     def _drop_cancelled(self) -> None:
         """Remove cancelled jobs' samples (only scanned after a cancel() call)."""
