@@ -9,9 +9,11 @@ Guided rows (the flow model) ask for class i % 10 of seed i.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +47,17 @@ class SamplerResults:
     fid: dict[tuple[str, str, int], float] = field(default_factory=dict)  # (row, sampler, S)
     floor: tuple[float, float] = (0.0, 0.0)  # mean, sd
     seconds: float = 0.0
+    command: str = ""
+    steps_trained: int = 0  # the weights measured: training.json's step
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "fid"},
+                "fid": [[row, sampler, s, v] for (row, sampler, s), v in self.fid.items()]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SamplerResults:
+        fid = {(row, sampler, int(s)): float(v) for row, sampler, s, v in d["fid"]}
+        return cls(**{**d, "fid": fid, "steps": tuple(d["steps"]), "floor": tuple(d["floor"])})
 
 
 def samples(model: LoadedModel, sampler: str, steps: int, n: int, batch: int, w: float | None,
@@ -101,12 +114,15 @@ def row_label(w: float | None) -> str:
 def samplers_md(results: list[SamplerResults], cfg: SamplerEvalConfig, command: str) -> str:
     """The tables, one per model and row, and what holds of the targets."""
     lines = ["# FID-FMNIST by sampler and S", "",
-             f"Made by `{command}` ({', '.join(f'{r.model}: {r.seconds / 60:.0f} min' for r in results)} on this "
-             "machine's CPU). The same seeds 0..n-1 in every cell of a model (the seed contract); lower is better. "
-             "ddim: eta = 0, the model's schedule and clipping; dpmsolver++ and unipc: order 2, "
-             "their diffusers scheduler's spacing, no clipping (docs/models.md, Samplers).", ""]
+             "FID-FMNIST (see [quality.md](quality.md)) of each sampler on the bundled models. The same seeds 0..n-1 "
+             "in every cell of a model (the seed contract); lower is better. ddim: eta = 0, the model's schedule and "
+             "clipping; dpmsolver++ and unipc: order 2, their diffusers scheduler's spacing, no clipping "
+             "(docs/models.md, Samplers). Each model's section names the command that made it, on this machine's "
+             "CPU; the results are kept in benchmarks/quality-samplers.json, so one model is re-run alone.", ""]
     for r in results:
         lines += [f"## {r.model} (n = {r.n} per cell)", "",
+                  f"Weights after {r.steps_trained:,} optimiser steps. Made in {r.seconds / 60:.0f} min by "
+                  f"`{r.command or command}`.", "",
                   f"Data floor: {r.n} random train images score {r.floor[0]:.2f} "
                   f"(sd {r.floor[1]:.2f} over {FLOOR_DRAWS} draws) against the same reference.", ""]
         for row in dict.fromkeys(k[0] for k in r.fid):
@@ -147,34 +163,41 @@ def write(results: list[SamplerResults], cfg: SamplerEvalConfig, command: str, o
     return text
 
 
+RESULTS_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "quality-samplers.json"
+MODELS = {"fashion-mnist": (), "fashion-mnist-flow": (2.0,)}  # each bundled model and its guided rows' w
+
+
 def main(argv: list[str] | None = None) -> None:
-    """python -m app.eval.samplers [--n N] [--out docs/quality-samplers.md]: both bundled models."""
+    """python -m app.eval.samplers [--models fashion-mnist,...] [--n N] [--steps 5,10,20,50]: the models named are
+    measured (the others keep their results from --json), then the doc is written from every model's results."""
     import argparse
 
     from app.eval.classifier import load_classifier
     from app.models import load_model
 
     p = argparse.ArgumentParser(prog="python -m app.eval.samplers", description=main.__doc__)
+    p.add_argument("--models", default=",".join(MODELS), help="which bundled models to measure now")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--steps", default="5,10,20,50")
-    p.add_argument("--flow-n", type=int, help="the flow model's n (default: --n); its guided row costs twice")
-    p.add_argument("--flow-steps", help="the flow model's S values (default: --steps)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=RESULTS_JSON)
     p.add_argument("--out", default="docs/quality-samplers.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     store = Path(__file__).resolve().parents[2] / "model_store"
+    kept = json.loads(a.json.read_text()) if a.json.exists() else {}
     clf = load_classifier()
     steps = tuple(int(s) for s in a.steps.split(","))
-    results = []
-    flow_steps = tuple(int(s) for s in (a.flow_steps or a.steps).split(","))
-    for name, guidance, n, s in (("fashion-mnist", (), a.n, steps),
-                                 ("fashion-mnist-flow", (2.0,), a.flow_n or a.n, flow_steps)):
-        cfg = SamplerEvalConfig(n=n, steps=s, guidance=guidance)
-        results.append(evaluate_samplers(load_model(store / name), clf, cfg))
-    command = f"python -m app.eval.samplers --n {a.n} --steps {a.steps} --threads {a.threads}" + \
-        (f" --flow-n {a.flow_n}" if a.flow_n else "") + (f" --flow-steps {a.flow_steps}" if a.flow_steps else "")
-    print(write(results, SamplerEvalConfig(n=a.n, steps=steps), command, Path(a.out)))
+    for name in a.models.split(","):
+        model = load_model(store / name)
+        r = evaluate_samplers(model, clf, SamplerEvalConfig(n=a.n, steps=steps, guidance=MODELS[name]))
+        r.command = f"python -m app.eval.samplers --models {name} --n {a.n} --steps {a.steps} --threads {a.threads}"
+        trained = model.path / "training.json"
+        r.steps_trained = int(json.loads(trained.read_text())["step"]) if trained.exists() else 0
+        kept[name] = r.to_json()
+        a.json.write_text(json.dumps(kept, indent=1) + "\n")
+    results = [SamplerResults.from_json(kept[name]) for name in MODELS if name in kept]
+    print(write(results, SamplerEvalConfig(n=a.n, steps=steps), "", Path(a.out)))
 
 
 if __name__ == "__main__":
