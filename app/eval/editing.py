@@ -137,7 +137,7 @@ def evaluate_editing(flow: LoadedModel, ddpm: LoadedModel, clf: FMNISTClassifier
     x_src = torch.cat(sources_all)
     src_labels = np.concatenate([np.full(len(x), p[0]) for x, p in zip(sources_all, PAIRS)])
     offsets = np.cumsum([0, *(len(x) for x in sources_all)])[:-1]
-    idx = torch.cat([torch.arange(o, o + cfg.grid_sources) for o in offsets])
+    idx = torch.cat([torch.arange(o, o + min(cfg.grid_sources, len(x))) for o, x in zip(offsets, sources_all)])
     plan = ddpm.plan(cfg.steps, ddpm.spacings[0], "generate")
     shown: list[torch.Tensor] = [torch.cat(pictures[None])]
     for s, k in zip(cfg.strengths, ks):
