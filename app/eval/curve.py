@@ -93,7 +93,8 @@ def plot(name: str, workdir: Path, points: dict[int, dict[str, float]], cfg: Cur
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps, loss = losses(workdir)
-    left.plot(steps, loss, lw=0.8)
+    shown = steps <= max(points) if points else np.full(len(steps), True)  # not past the last measured weights
+    left.plot(steps[shown], loss[shown], lw=0.8)
     left.set(xlabel="optimiser step", ylabel="training loss (mean of 50 steps)", title=f"{name}: loss")
     xs = sorted(points)
     for eta in cfg.etas:
