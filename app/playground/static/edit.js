@@ -3,7 +3,7 @@
 // over strengths side by side.
 
 import { ApiError, send } from "./api.js";
-import { $, currentModel, el, fileBase64, modelFields, png, Run } from "./ui.js";
+import { $, currentModel, dropTarget, el, fileBase64, modelFields, png, Run } from "./ui.js";
 
 const SWEEP = [0.3, 0.5, 0.7, 0.9, 1];
 
@@ -34,18 +34,7 @@ export function setUpEdit() {
     $("edit-sweep").replaceChildren();
     $("edit").querySelector(".pair").hidden = false;
   }
-  const zone = $("edit-drop");
-  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (e) => {
-    e.preventDefault();
-    zone.classList.remove("over");
-    if (e.dataTransfer.files.length) {
-      input.files = e.dataTransfer.files;
-      input.dispatchEvent(new Event("change"));
-    }
-  });
-  input.addEventListener("change", () => { if (input.files.length) drop(input.files[0]); });
+  dropTarget($("edit-drop"), input, drop);
 
   let request = null;
   async function body() {

@@ -2,7 +2,7 @@
 // reconstruction, its MSE and x_T's statistics) and interpolate (the frames, animated).
 
 import { ApiError, meanStd, parseNpy } from "./api.js";
-import { $, el, fileBase64, gridBlob, int, modelFields, png, Run, samplerFields } from "./ui.js";
+import { $, dropTarget, el, fileBase64, gridBlob, int, modelFields, png, Run, samplerFields } from "./ui.js";
 
 const fmt = (x) => Number(x).toPrecision(4);
 
@@ -52,19 +52,6 @@ export function setUpGenerate() {
 }
 
 // -- invert ---------------------------------------------------------------------------------------------
-function dropTarget(zone, input, onFile) {
-  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (e) => {
-    e.preventDefault();
-    zone.classList.remove("over");
-    if (e.dataTransfer.files.length) {
-      input.files = e.dataTransfer.files;
-      input.dispatchEvent(new Event("change"));
-    }
-  });
-  input.addEventListener("change", () => { if (input.files.length) onFile(input.files[0]); });
-}
 
 export function setUpInvert() {
   const run = new Run($("invert"));

@@ -174,3 +174,18 @@ export async function gridBlob(b64s) {
   });
   return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
 }
+
+/** A drop zone for an image file beside its file input: a dropped file goes through the input. */
+export function dropTarget(zone, input, onFile) {
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files.length) {
+      input.files = e.dataTransfer.files;
+      input.dispatchEvent(new Event("change"));
+    }
+  });
+  input.addEventListener("change", () => { if (input.files.length) onFile(input.files[0]); });
+}
