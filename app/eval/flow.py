@@ -175,7 +175,7 @@ trained on Fashion-MNIST, served by ddim-serve with Euler/DDIM sampling, inversi
 - AdamW, lr {info["lr"]}, batch {info["batch_size"]}, EMA {info["ema_decay"]}, seed {info["seed"]}.
 - This export: step {info["step"]} of the planned 8,000 ({info["wall_seconds"] / 3600:.1f} h on 2 shared CPU
   cores). Training goes on from the same checkpoint.
-{history_md(info)}
+{history_md(info).replace("- steps", "- Steps")}
 - {info["parameters"]:,} parameters.
 
 ```json

@@ -74,13 +74,15 @@ def pattern_verdict(r: Results, cfg: EvalConfig) -> str:
     ratio = at["sigma-hat"] / max(at["eta=0.0"], 1e-12)
     small = best == "eta=0.0" and worst == "sigma-hat" and ratio > 2
     first = "η = 0 is the best row" if best == "eta=0.0" else f"the best row is {ROW_NAMES[best]}, not η = 0"
-    if small:
+    if worst == "sigma-hat" and ratio > 2:
         second = f"σ̂ is the far worst ({at['sigma-hat']:.2f}, {ratio:.1f}× η = 0)"
     elif worst == "sigma-hat":
         second = f"σ̂ is the worst ({at['sigma-hat']:.2f}) but not by 2× η = 0 ({ratio:.1f}×)"
     else:
         second = f"σ̂ ({at['sigma-hat']:.2f}) is not the worst row ({ROW_NAMES[worst]} is)"
-    text = f"At S = {s0}, {first} (η = 0: {at['eta=0.0']:.2f}) and {second}"
+    versus = "lower" if at["eta=0.0"] < at["eta=1.0"] else "not lower"
+    text = (f"At S = {s0}, {first} (η = 0: {at['eta=0.0']:.2f}, {versus} than η = 1: {at['eta=1.0']:.2f}) "
+            f"and {second}")
     closes = True
     if cfg.long_steps:
         s1 = max(cfg.long_steps)
@@ -250,6 +252,7 @@ Noise schedule (`scheduler/scheduler_config.json`):
 ## Training
 
 Optimiser steps: {steps}. Wall time: {wall}.
+
 {history_md(training)}
 ## Quality
 
