@@ -110,7 +110,8 @@ def flow_md(r: FlowResults, cfg: FlowEvalConfig, flow: LoadedModel, ddpm: Loaded
 `{flow.name}` (rectified flow, class-conditional, {flow.kind} path, shift {flow.shift}) against `{ddpm.name}`
 (DDPM, DDIM eta = 0), measured with the same seeds 0..{cfg.n - 1} in every cell. FID-FMNIST is the Frechet
 distance between the project's Fashion-MNIST classifier's features of {cfg.n} samples and of the 10,000 test
-images (lower is better; see [quality.md](quality.md) for what it is and its floor at small n). Guided rows ask
+images (lower is better; see [quality.md](quality.md) for what it is and its floor at small n; the multistep
+samplers on this model: [quality-samplers.md](quality-samplers.md)). Guided rows ask
 for class i % 10 of seed i. Training so far: {_steps(flow)} optimiser steps for the flow model, {_steps(ddpm)} for
 the DDPM model, at the same batch size: not yet a comparison between equals. Made in {r.seconds / 60:.0f} minutes by
 

@@ -163,6 +163,7 @@ test accuracy {meta['classifier_accuracy']}; features averaged over each image a
 model was trained on flipped images too) for generated images and for all 10,000 test images.
 Its numbers are not on the scale of CIFAR10/Inception FID: compare trends and ratios, not values.
 The class-conditional rectified-flow model `fashion-mnist-flow` is measured beside this model's DDIM η = 0 row in [quality-flow.md](quality-flow.md): FID-FMNIST by S, unconditional and guided, the classifier's agreement with the requested class, and flow against DDIM inversion.
+The multistep samplers (DPM-Solver++, UniPC) against DDIM, by S, on both bundled models: [quality-samplers.md](quality-samplers.md).
 
 ## Table 1: FID-FMNIST by S and η (paper's CIFAR10 FID in brackets)
 

@@ -145,10 +145,10 @@ def verdicts(r: SamplerResults) -> list[str]:
                    f"ddim at S = 20 ({b:.2f}) on {r.model}.")
     if ("unconditional", "ddim", 50) in f:
         target = f["unconditional", "ddim", 50]
-        matches = sorted((s, sampler) for (row, sampler, s), v in f.items()
+        matches = sorted((s, v, sampler) for (row, sampler, s), v in f.items()
                          if row == "unconditional" and v <= target * 1.02)
         if matches:
-            s, sampler = matches[0]
+            s, _, sampler = matches[0]  # the fewest steps, and the best sampler there
             out.append(f"Fewest steps within 2 % of ddim's S = 50 FID ({target:.2f}) on {r.model}: {sampler} at "
                        f"S = {s} ({f['unconditional', sampler, s]:.2f}).")
     return out
