@@ -105,8 +105,8 @@ def plot(name: str, workdir: Path, points: dict[int, dict[str, float]], cfg: Cur
         twin.plot(xs, [100 * points[s]["agreement"] for s in xs], "s--", color="tab:green",
                   label=f"class agreement, w = {cfg.guidance:g}, S = {cfg.agreement_steps}")
         twin.set_ylabel("class agreement (%)")
-        twin.legend(loc="upper center", fontsize=8)
-    right.legend(loc="upper right", fontsize=8)
+        twin.legend(loc="center right", fontsize=8)
+    right.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
