@@ -138,6 +138,15 @@ def series(prometheus: str, expr: str, at: float | None = None) -> list[dict[str
     return result
 
 
+def series_over(prometheus: str, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+    """Prometheus' answer to a range query, one point a second from start to end."""
+    params = {"query": expr, "start": str(start), "end": str(end), "step": "1"}
+    answer = httpx.get(f"{prometheus}/api/v1/query_range", params=params, timeout=10).json()
+    assert answer["status"] == "success", (expr, answer)
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
 def scraped_after(prometheus: str, job: str) -> Callable[[], bool]:
     """A condition: every target of job has been scraped since now (so each new series has its samples)."""
     now = time.time()  # Prometheus runs on this machine's clock

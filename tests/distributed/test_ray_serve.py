@@ -34,6 +34,7 @@ from tests.deploy.dashboard import (
     scrape_config,
     scraped_after,
     series,
+    series_over,
     substitute,
     variable_query,
     wait_for,
@@ -221,6 +222,7 @@ def test_the_dashboard_over_replicas_on_a_real_prometheus(proxy: httpx.Client, t
     assert len(live) == 2, live
     with running_prometheus(scrape_config(name, **job), tmp_path) as prometheus:
         wait_for(lambda: len(series(prometheus, f'up{{job="{name}"}} == 1')) == 2, "Prometheus never found both")
+        started = time.time()
         drive_load(str(proxy.base_url), max_queue=None)
         with ThreadPoolExecutor(12) as pool:  # both replicas busy at once
             busy = list(pool.map(lambda i: proxy.post("/generate", json={"n": 2, "steps": 30, "seed": i}), range(12)))
@@ -236,14 +238,18 @@ def test_the_dashboard_over_replicas_on_a_real_prometheus(proxy: httpx.Client, t
         by_title = {p["title"]: p["targets"][0]["expr"] for p in d["panels"] if p.get("targets")}
         by_replica = substitute(by_title["Sample-steps/s by replica"], d)
 
-        def settled() -> float:  # samples before it are final: no scrape in flight adds to them
-            return time.time() - 3
+        def busy_instants() -> list[float]:  # settled instants (no scrape in flight adds to them) since the load
+            # began at which the panel shows every replica at work. A busy replica's 1 s scrapes can time out (CI),
+            # so its counter may have only flat samples in the window at any one instant: look over the whole span.
+            span = series_over(prometheus, by_replica, started, time.time() - 3)
+            rates: dict[float, dict[str, float]] = {}
+            for s in span:
+                for t, v in s["values"]:
+                    rates.setdefault(float(t), {})[s["metric"]["replica"]] = float(v)
+            return [t for t, r in sorted(rates.items()) if set(r) == live and all(v > 0 for v in r.values())]
 
-        # a rate needs two samples of a replica's counter; a busy replica's scrapes can time out, so its second
-        # sample may come only after the load (CI): wait until both replicas have a rate at a settled time
-        wait_for(lambda: {s["metric"]["replica"] for s in series(prometheus, by_replica, settled())} == live,
-                 "a replica's sample-steps never got a rate")
-        at = settled()
+        wait_for(busy_instants, "no instant at which every replica's sample-steps had a positive rate")
+        at = busy_instants()[-1]
         total = series(prometheus, substitute(by_title["Sample-steps/s"], d), at)
         per_replica = series(prometheus, by_replica, at)
         assert {s["metric"]["replica"] for s in per_replica} == live
