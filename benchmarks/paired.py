@@ -58,10 +58,23 @@ def paired_round(url: str, server: int, store: Path, folder: Path, batch: int, f
                  seconds: float) -> dict[str, Any]:
     """One round against the running server (process id `server`), with a fresh limit and engine."""
     dtype, channels_last = facts["dtype"], bool(facts["channels_last"])
-    out: dict[str, Any] = {"slices": []}
     with Resident(forward_loop, folder, batch, dtype, channels_last, keep_freed) as limit, \
-            Resident(engine_loop, store, batch, dtype, channels_last, keep_freed, steps) as engine, \
-            stopped(engine.proc.pid), Background(url, {"n": 1, "steps": steps}, 2 * batch) as load:
+            Resident(engine_loop, store, batch, dtype, channels_last, keep_freed, steps) as engine:
+        out = paired_slices(url, server, limit, engine, {"n": 1, "steps": steps}, batch, slices, warmup, seconds,
+                            peer)
+    out["served_over_peer"] = out["served"] / out["peer"]
+    return out
+
+
+def paired_slices(url: str, server: int, limit: Resident, engine: Resident, body: dict[str, Any], batch: int,
+                  slices: int, warmup: float, seconds: float,
+                  peer: Callable[[], float] | None = None) -> dict[str, Any]:
+    """The server at saturation under 2 x batch closed-loop clients posting body, and slices in which one process
+    computes at a time: the limit and the engine (kept stopped between its own windows) with the server stopped,
+    then a served window; the peer once at the end, with the server stopped. Per-slice rates, their means (equal
+    windows: the pooled rates) and the ratios to the limit."""
+    out: dict[str, Any] = {"slices": []}
+    with stopped(engine.proc.pid), Background(url, body, 2 * batch) as load:
         time.sleep(warmup)
         window = seconds
         for _ in range(slices):
@@ -71,13 +84,13 @@ def paired_round(url: str, server: int, store: Path, folder: Path, batch: int, f
                 with resumed(engine.proc.pid):
                     eng = engine(window)
             out["slices"].append({"limit": lim, "engine": eng, "served": served_window(url, window)})
-        with stopped(server):
-            out["peer"] = peer()
+        if peer is not None:
+            with stopped(server):
+                out["peer"] = peer()
         out["answered"], out["errors"] = len(load.answered), load.errors
     for key in ("limit", "engine", "served"):  # equal windows: the mean is the pooled rate
         out[key] = statistics.mean(s[key] for s in out["slices"])
     out["served_over_limit"], out["engine_over_limit"] = out["served"] / out["limit"], out["engine"] / out["limit"]
-    out["served_over_peer"] = out["served"] / out["peer"]
     return out
 
 

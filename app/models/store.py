@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddim", "dpmsolver++", "unipc")  # ddim: the generalized step of app/sampling/step.py (the default)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PLANS_KEPT = 512  # plans cached per model; the cache starts afresh past it
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -85,6 +86,9 @@ class LoadedModel:
     channels_last: bool = False
     class_names: tuple[str, ...] = ()
     parts: Parts | None = None  # a latent pipeline's codec, conditioner and defaults
+    # plans are pure functions of (S, spacing, direction): made once, shared by every request that asks (a Plan's
+    # tensors are never written to)
+    _plans: dict[tuple[int, str, str], Plan] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def codec(self) -> LatentCodec | None:
@@ -218,6 +222,14 @@ class LoadedModel:
         if spacing not in self.spacings:
             raise ScheduleError(f"schedule {spacing!r} is not offered for {self.kind} model {self.name!r}; "
                                 f"supported: {', '.join(self.spacings)}")
+        key = (int(steps), spacing, direction)
+        if (plan := self._plans.get(key)) is None:
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[key] = self._make_plan(*key)
+        return plan
+
+    def _make_plan(self, steps: int, spacing: str, direction: Direction) -> Plan:
         if self.kind == "flow":
             return flow_plan(flow_sigmas(steps, self.num_train_timesteps, self.shift or 1.0),
                              self.num_train_timesteps, direction)

@@ -37,6 +37,26 @@ def test_both_layouts_load_and_match_diffusers(tiny_store: Path) -> None:
     assert info["prediction_type"] == "epsilon" and info["device"] == "cpu" and info["dtype"] == "float32"
 
 
+def test_plans_are_made_once_and_equal_fresh_ones(tiny_store: Path) -> None:
+    """A request's plan comes from the model's cache: the same object for the same (S, spacing, direction), equal to
+    one made afresh, distinct for another direction; a bad spacing is refused before the cache."""
+    from app.models.store import PLANS_KEPT
+    from app.sampling import ScheduleError
+
+    m = load_model(tiny_store / "tiny")
+    gen, inv = m.plan(20, "uniform", "generate"), m.plan(20, "uniform", "invert")
+    assert m.plan(20, "uniform", "generate") is gen and gen is not inv
+    for cached, direction in ((gen, "generate"), (inv, "invert")):
+        fresh = m._make_plan(20, "uniform", direction)  # type: ignore[arg-type]
+        for field in ("a", "s", "model_t"):
+            torch.testing.assert_close(getattr(cached, field), getattr(fresh, field), rtol=0, atol=0)
+    with pytest.raises(ScheduleError):
+        m.plan(20, "nope", "generate")
+    for steps in range(1, PLANS_KEPT + 2):  # bounded: past PLANS_KEPT it starts afresh
+        m.plan(steps, "uniform", "generate")
+    assert len(m._plans) <= PLANS_KEPT
+
+
 def test_dtype_and_device_settings(tiny_store: Path) -> None:
     m = load_model(tiny_store / "tiny", dtype="bfloat16", device=pick_device("cpu"))
     assert next(m.unet.parameters()).dtype == torch.bfloat16
