@@ -15,9 +15,10 @@ alternates short slices in which only one of them computes; the ratio is the med
 own ratio. Also recorded:
 - the prompt cache: encode calls, hits and misses, and encode seconds, from the server's metrics; a new prompt
   costs one encoder call, a repeated one none;
-- previews: one VAE decode of x0-hat per preview, against the mean denoiser forward.
+- previews: one VAE decode of x0-hat (B latents) against one guided forward of the batch, medians, timed in a
+  fresh process.
 
-    python -m benchmarks.studies.text_pipeline [--batch 8] [--steps 20] [--rounds 3] [--dtype float32]
+    python -m benchmarks.studies.text_pipeline [--batch 8] [--steps 50,20] [--rounds 3] [--slices 3] [--seconds 4]
 
 It writes benchmarks/studies/text_pipeline.json, which `python -m benchmarks.report` renders.
 """
@@ -40,7 +41,7 @@ from app.models import load_model
 from app.sampling import draw, sample_generators
 from app.sampling.loop import run_plan
 from app.startup.memory import keep_freed_memory
-from benchmarks.isolated import Resident
+from benchmarks.isolated import Resident, in_child
 from benchmarks.load import edge_window
 from benchmarks.paired import paired_slices
 from benchmarks.serving import CORES
@@ -140,7 +141,7 @@ def preview_costs(folder: Path, batch: int, dtype: str, threads: int, repeats: i
     model = load_model(folder, dtype=dtype)
     assert model.codec is not None
     net = model.network(guidance_scale=7.5, prompts=[PROMPT] * batch, negative_prompts=[""] * batch)
-    x, t = draw(sample_generators(0, batch), model.sample_shape), torch.full((batch,), 500)
+    x, t = draw(sample_generators(0, batch), model.sample_shape), torch.full((batch,), 500.0)
 
     def ms(fn: Callable[[], object]) -> float:
         fn()
@@ -207,7 +208,7 @@ def main() -> None:
     cache = {k: sum(r["cache"][k] for r in runs) for k in ("hit", "miss")}
     save_study(vars(a), ROOT, machine=f"{platform.machine()}, {CORES} cores, torch {torch.__version__}", runs=runs,
                cache=cache, hit_rate=cache["hit"] / max(1.0, cache["hit"] + cache["miss"]), repeat=repeat,
-               **preview_costs(folder, a.batch, a.dtype, a.threads))
+               **in_child(preview_costs, folder, a.batch, a.dtype, a.threads))
     for r in runs:
         print(f"S = {r['steps']}: served / plain = {r['served_over_plain']:.3f} (median of {a.rounds} rounds)")
     print(f"cache {cache}; repeat {repeat}", flush=True)

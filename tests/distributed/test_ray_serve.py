@@ -241,15 +241,24 @@ def test_the_dashboard_over_replicas_on_a_real_prometheus(proxy: httpx.Client, t
         def busy_instants() -> list[float]:  # settled instants (no scrape in flight adds to them) since the load
             # began at which the panel shows every replica at work. A busy replica's 1 s scrapes can time out (CI),
             # so its counter may have only flat samples in the window at any one instant: look over the whole span.
-            span = series_over(prometheus, by_replica, started, time.time() - 3)
+            end = time.time() - 3
+            if end <= started:
+                return []
+            span = series_over(prometheus, by_replica, started, end)
             rates: dict[float, dict[str, float]] = {}
             for s in span:
                 for t, v in s["values"]:
                     rates.setdefault(float(t), {})[s["metric"]["replica"]] = float(v)
             return [t for t, r in sorted(rates.items()) if set(r) == live and all(v > 0 for v in r.values())]
 
-        wait_for(busy_instants, "no instant at which every replica's sample-steps had a positive rate")
-        at = busy_instants()[-1]
+        instants: list[float] = []
+
+        def found() -> bool:
+            instants[:] = busy_instants()
+            return bool(instants)
+
+        wait_for(found, "no instant at which every replica's sample-steps had a positive rate")
+        at = instants[-1]
         total = series(prometheus, substitute(by_title["Sample-steps/s"], d), at)
         per_replica = series(prometheus, by_replica, at)
         assert {s["metric"]["replica"] for s in per_replica} == live

@@ -54,7 +54,10 @@ def test_plans_are_made_once_and_equal_fresh_ones(tiny_store: Path) -> None:
         m.plan(20, "nope", "generate")
     for steps in range(1, PLANS_KEPT + 2):  # bounded: past PLANS_KEPT it starts afresh
         m.plan(steps, "uniform", "generate")
-    assert len(m._plans) <= PLANS_KEPT
+    assert 1 <= len(m._plans) <= PLANS_KEPT
+    again = m.plan(20, "uniform", "generate")  # made afresh after the clear, cached again, equal to the first
+    assert again is not gen and m.plan(20, "uniform", "generate") is again
+    torch.testing.assert_close(again.a, gen.a, rtol=0, atol=0)
 
 
 def test_dtype_and_device_settings(tiny_store: Path) -> None:
