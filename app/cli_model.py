@@ -36,7 +36,7 @@ def _load(settings, folder: Path):  # (Settings, Path) -> LoadedModel
     try:
         channels_last = _layout(folder, device, settings)
         model = load_model(folder, device=device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                           channels_last=channels_last)
+                           channels_last=channels_last, trace=settings.trace)
     except (ModelStoreError, ScheduleError, OSError) as e:
         raise CliError(f"cannot load model {folder.name!r}: {e}") from e
     except Exception as e:  # what a library makes of a config it cannot build (--debug shows where)

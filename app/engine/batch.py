@@ -40,16 +40,31 @@ class Row:
 
 
 def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    return F.pad(t, (0, width - t.shape[-1]), value=0)
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]), value=0)
+
+
+COEFFICIENTS = len(StepCoefficients.__dataclass_fields__)  # a, s, a_next, c_eps, sigma, noise_std
+
+
+def coefficient_table(a: torch.Tensor, s: torch.Tensor, steps: torch.Tensor, eta: torch.Tensor,
+                      large: torch.Tensor) -> torch.Tensor:
+    """Every step's coefficients of rows with levels a, s [n, width + 1] (zero-padded past each row's steps + 1):
+    [n, COEFFICIENTS, width], step k's in column k (zero past the row's steps). The same elementwise float64 math as
+    step_coefficients at each step, done once when the rows join."""
+    coef = step_coefficients(a[:, :-1], s[:, :-1], a[:, 1:], s[:, 1:], eta[:, None], large[:, None])
+    table = torch.stack([getattr(coef, f) for f in StepCoefficients.__dataclass_fields__], 1)
+    valid = torch.arange(table.shape[2], device=table.device) < steps[:, None]
+    return torch.where(valid[:, None], table, torch.zeros((), dtype=table.dtype, device=table.device))
 
 
 class ActiveBatch:
-    """x [B, width] (each row's sample flattened) plus each row's plan (levels a, s and network timesteps),
-    position, eta, variance kind, clipping, conditioning and guidance scale. Once a multistep-solver row
+    """x [B, width] (each row's sample flattened) plus each row's plan (every step's coefficients, from its levels,
+    eta and variance kind, and network timesteps), position, eta, variance kind, clipping, conditioning and guidance
+    scale. Once a multistep-solver row
     (DPM-Solver++, UniPC) joins, every row also has solver columns: its solver plan (SolverRows) and memory
     (MultistepState), placeholders on DDIM rows."""
 
-    PER_ROW = ("a", "s", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "w", "guided",
+    PER_ROW = ("coef", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "w", "guided",
                "multistep")
 
     def __init__(self, device: torch.device) -> None:
@@ -62,13 +77,23 @@ class ActiveBatch:
         def empty(dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
             return torch.empty((0,) if width is None else (0, width), dtype=dtype, device=device)
 
-        self.a, self.s = empty(self.coef_dtype, 1), empty(self.coef_dtype, 1)
+        self.coef = torch.empty((0, COEFFICIENTS, 0), dtype=self.coef_dtype, device=device)
         self.model_t = empty(torch.float32, 0)
         self.pos, self.n_steps = (empty(torch.long) for _ in range(2))
         self.eta, self.w = empty(self.coef_dtype), empty(self.coef_dtype)
         self.large, self.clip, self.stochastic, self.guided, self.multistep = (empty(torch.bool) for _ in range(5))
         self.solver_rows: SolverRows | None = None
         self.solver_state: MultistepState | None = None
+        self._count()
+
+    def _count(self) -> None:
+        """Counts of the rows kept in Python, so that a step asks no tensor what they say."""
+        jobs = [r.job for r in self.rows]
+        self.n_guided = sum(j.guided for j in jobs)
+        self.n_stochastic = sum(j.stochastic for j in jobs)
+        self.n_clip = sum(bool(j.clip_denoised) for j in jobs)
+        self.fewest_steps = min((j.steps for j in jobs), default=0)
+        self.most_steps = max((j.steps for j in jobs), default=0)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,7 +101,7 @@ class ActiveBatch:
     @property
     def forward_rows(self) -> int:
         """Rows the next full forward holds: one per sample, two per guided sample."""
-        return len(self.rows) + int(self.guided.sum())
+        return len(self.rows) + self.n_guided
 
     def add(self, rows: list[Row]) -> None:
         """Append newly admitted samples (a step boundary: every row is between steps)."""
@@ -100,11 +125,15 @@ class ActiveBatch:
         def extend(old: torch.Tensor, values: list[object]) -> torch.Tensor:
             return torch.cat([old, torch.tensor(values, dtype=old.dtype, device=dev)])
 
-        self.a = grow(self.a, [p.a for p in plans], width + 1)
-        self.s = grow(self.s, [p.s for p in plans], width + 1)
+        jobs = [r.job for r in rows]
+        a, s = (torch.stack([_pad(v, width + 1) for v in vs]).to(dev, self.coef_dtype)
+                for vs in ([p.a for p in plans], [p.s for p in plans]))
+        table = coefficient_table(a, s, torch.tensor([p.steps for p in plans], device=dev),
+                                  torch.tensor([j.eta for j in jobs], dtype=self.coef_dtype, device=dev),
+                                  torch.tensor([j.large for j in jobs], device=dev))
+        self.coef = torch.cat([_pad(self.coef, width), table])
         self.model_t = grow(self.model_t, [p.model_t for p in plans], width)
         self.pos = extend(self.pos, [0] * len(rows))
-        jobs = [r.job for r in rows]
         self.n_steps = extend(self.n_steps, [j.steps for j in jobs])
         self.eta = extend(self.eta, [j.eta for j in jobs])
         self.large = extend(self.large, [j.large for j in jobs])
@@ -114,6 +143,7 @@ class ActiveBatch:
         self.guided = extend(self.guided, [j.guided for j in jobs])
         self._add_solvers([j.solver for j in jobs], new_x)
         self.rows.extend(rows)
+        self._count()
 
     def _add_solvers(self, plans: list[SolverPlan | None], new_x: torch.Tensor) -> None:
         """The solver columns of newly admitted rows (first creating them for the rows already here)."""
@@ -181,17 +211,16 @@ class ActiveBatch:
         return self._pick(self.model_t, idx).gather(1, self._pick(self.pos, idx)[:, None]).squeeze(1)
 
     def coefficients(self, idx: torch.Tensor | None = None) -> StepCoefficients:
-        """This step's coefficients for rows idx: sampling's step_coefficients of each row's levels here and next."""
-        pos = self._pick(self.pos, idx)[:, None]
-        a, s = self._pick(self.a, idx), self._pick(self.s, idx)
-        return step_coefficients(a.gather(1, pos).squeeze(1), s.gather(1, pos).squeeze(1),
-                                 a.gather(1, pos + 1).squeeze(1), s.gather(1, pos + 1).squeeze(1),
-                                 self._pick(self.eta, idx), self._pick(self.large, idx))
+        """This step's coefficients for rows idx: sampling's step_coefficients of each row's levels here and next
+        (from the table made when the rows joined)."""
+        pos = self._pick(self.pos, idx)[:, None, None].expand(-1, COEFFICIENTS, 1)
+        return StepCoefficients(*self._pick(self.coef, idx).gather(2, pos).squeeze(2).unbind(1))
 
-    def inputs(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, timesteps, clip flags) of the rows idx (all rows when None)."""
+    def inputs(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | bool]:
+        """(x, timesteps, clip flags) of the rows idx (all rows when None); the flags are False when no row
+        clips."""
         assert self.x is not None
-        return self._pick(self.x, idx), self.timesteps(idx), self._pick(self.clip, idx)
+        return self._pick(self.x, idx), self.timesteps(idx), self._pick(self.clip, idx) if self.n_clip else False
 
     def conditioning(self, idx: torch.Tensor | None = None) -> tuple[Cond, Cond, torch.Tensor, torch.Tensor]:
         """(cond, uncond, guided flags, guidance scales) of rows idx."""
@@ -201,8 +230,10 @@ class ActiveBatch:
 
     def noise(self, idx: torch.Tensor | None = None) -> torch.Tensor | None:
         """This step's noise for rows idx: one draw from each stochastic row's own generator, in step order."""
+        if self.x is None or not self.n_stochastic:
+            return None
         stochastic = self._pick(self.stochastic, idx)
-        if self.x is None or not bool(stochastic.any()):
+        if not bool(stochastic.any()):
             return None
         rows = stochastic.nonzero().squeeze(1).tolist()  # the loop runs over stochastic rows only
         order = None if idx is None else idx.tolist()
@@ -250,3 +281,4 @@ class ActiveBatch:
             else:
                 self.solver_rows, self.solver_state = self.solver_rows.select(idx), self.solver_state.select(idx)
         self.cond, self.uncond = take(self.cond, idx), take(self.uncond, idx)
+        self._count()

@@ -102,7 +102,7 @@ class Engine(JobSpec):
         s = self.settings
         try:
             model = load_model(s.model_store / name, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                               channels_last=channels_last, prompt_cache_size=s.prompt_cache_size)
+                               channels_last=channels_last, prompt_cache_size=s.prompt_cache_size, trace=s.trace)
             warm_up(model, s, budget_from=started)
             worker = BatchWorker(model, self.metrics, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                                  batching=s.batching, priority=s.priority, max_defer_steps=s.max_defer_steps,

@@ -18,6 +18,8 @@ def free_cached(device: torch.device) -> None:
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows of x holding NaN or inf, or None when every row is finite (one reduction)."""
-    bad = ~torch.isfinite(x.flatten(1)).all(1)
-    return bad.nonzero().squeeze(1) if bool(bad.any()) else None
+    """Indices of the rows of x holding NaN or inf, or None when every row is finite (one reduction, the rows
+    sought only when it finds one)."""
+    if bool(torch.isfinite(x).all()):
+        return None
+    return (~torch.isfinite(x.flatten(1)).all(1)).nonzero().squeeze(1)

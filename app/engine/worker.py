@@ -27,7 +27,7 @@ from app.engine.batch import ActiveBatch, Row
 from app.engine.faults import free_cached, is_out_of_memory, nonfinite_rows
 from app.engine.forward import predict
 from app.engine.jobs import EngineError, JobCancelled, JobResult, QueueFull, SampleJob, resolve
-from app.engine.priority import ShortFirst
+from app.engine.priority import SHORT_RATIO, ShortFirst
 from app.engine.progress import report_progress
 from app.engine.stages import Stages
 from app.metrics import Metrics
@@ -175,7 +175,12 @@ class BatchWorker:
         """The rows this forward steps: None for all of them. A forward holds at most max_batch_size rows, a
         guided sample counting two (but one sample is always stepped)."""
         b = self.batch
-        idx = None if self.short_first is None else self.short_first.rows_to_step(b.n_steps)
+        alike = b.most_steps <= SHORT_RATIO * b.fewest_steps  # so every row is short: no tensor to ask
+        if self.short_first is not None and alike:
+            self.short_first.deferred = 0
+        idx = None if self.short_first is None or alike else self.short_first.rows_to_step(b.n_steps)
+        if idx is None and b.forward_rows <= self.max_batch_size:
+            return None
         weights = 1 + b.guided.long() if idx is None else 1 + b.guided.index_select(0, idx).long()
         if int(weights.sum()) <= self.max_batch_size:
             return idx
@@ -193,7 +198,7 @@ class BatchWorker:
         x, t, clip = b.inputs(idx)
         coef = b.coefficients(idx)
         noise = b.noise(idx)
-        rows = len(x) + (int(b.guided.sum()) if idx is None else int(b.guided.index_select(0, idx).sum()))
+        rows = b.forward_rows if idx is None else len(x) + int(b.guided.index_select(0, idx).sum())
         started = time.perf_counter()
         try:
             out = self._forward(x, t, idx)
@@ -206,8 +211,9 @@ class BatchWorker:
         stepped = take_step(x, out, coef, prediction_type=self.model.prediction_type, clip_denoised=clip,
                             noise=noise)
         x_next, x0 = stepped.prev_sample, stepped.pred_original_sample
-        multistep = b.multistep if idx is None else b.multistep.index_select(0, idx)
-        if bool(multistep.any()):  # DPM-Solver++ / UniPC rows: their own update, from their memory
+        # DPM-Solver++ / UniPC rows (solver columns exist once one joined): their own update, from their memory
+        multistep = b.multistep if idx is None or b.solver_rows is None else b.multistep.index_select(0, idx)
+        if b.solver_rows is not None and bool(multistep.any()):
             sub = multistep.nonzero().squeeze(1)
             solved, solved_x0 = b.multistep_step(sub if idx is None else idx.index_select(0, sub),
                                                  x.index_select(0, sub), out.index_select(0, sub))

@@ -9,12 +9,18 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
+from app.models.trace import Traced
+
 
 class LatentCodec:
-    """An AutoencoderKL on its device, float32 where its config says force_upcast and the server runs 16-bit."""
+    """An AutoencoderKL on its device, float32 where its config says force_upcast and the server runs 16-bit.
+    Its decoder runs traced per latent size (app.models.trace) unless trace is off."""
 
-    def __init__(self, vae: AutoencoderKL, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, vae: AutoencoderKL, device: torch.device, dtype: torch.dtype, trace: bool = True,
+                 name: str = "") -> None:
         self.vae, self.device, self.dtype = vae, device, dtype
+        self._decode = Traced(vae, _decode, f"model {name} (VAE decoder)") if trace else \
+            lambda z: _decode(vae, z)
         config = vae.config
         self.factor = 2 ** (len(config.block_out_channels) - 1)
         self.channels = int(config.latent_channels)
@@ -34,4 +40,8 @@ class LatentCodec:
         if self.shift_factor:
             z = z + self.shift_factor
         with torch.inference_mode():
-            return self.vae.decode(z.to(self.dtype)).sample.float().cpu()
+            return self._decode(z.to(self.dtype)).float().cpu()
+
+
+def _decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    return vae.decode(z).sample

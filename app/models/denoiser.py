@@ -17,6 +17,7 @@ import torch
 
 from app.models.codec import LatentCodec
 from app.models.conditioning import Cond, TextConditioner
+from app.models.trace import Traced
 
 log = logging.getLogger(__name__)
 Conditioning = Literal["none", "class", "text"]
@@ -41,13 +42,15 @@ CALLS: dict[str, Call] = {"UNet2DConditionModel": _unet, "SD3Transformer2DModel"
 
 class Denoiser:
     """forward(x, t, cond) -> the network's prediction [B, C, h, w] in float32 on its device; x, t and cond's rows
-    may come in any dtype and device. Neither compiled nor channels_last (the UNet2DModel path's Forward is)."""
+    may come in any dtype and device. Traced per input signature (app.models.trace) unless trace is off; neither
+    compiled nor channels_last (the UNet2DModel path's Forward is)."""
 
     channels_last = False
 
     def __init__(self, net: torch.nn.Module, call: Call, device: torch.device, dtype: torch.dtype,
-                 channels: int) -> None:
+                 channels: int, trace: bool = True, name: str = "") -> None:
         self.net, self.call, self.device, self.dtype, self.channels = net, call, device, dtype, channels
+        self.traced = Traced(net, lambda net, x, t, **cond: call(net, x, t, cond), f"model {name}") if trace else None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)
@@ -55,7 +58,8 @@ class Denoiser:
         rows = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype, non_blocking=True)
                 for k, v in (cond or {}).items()}
         with torch.inference_mode():
-            return self.call(self.net, x, t, rows)[:, :self.channels].float()
+            out = self.call(self.net, x, t, rows) if self.traced is None else self.traced(x, t, **rows)
+            return out[:, :self.channels].float()
 
     def compile(self, *args: object) -> list[int]:
         log.warning("torch.compile is not offered for pipeline denoisers yet; serving eagerly")

@@ -73,7 +73,8 @@ def fix_scheduler(pipeline: str, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_parts(check: FolderCheck, device: torch.device, dtype: torch.dtype, allow_pickle: bool,
-               cache_size: int = 256) -> tuple[torch.nn.Module, Parts, dict[str, Any], tuple[str, ...]]:
+               cache_size: int = 256,
+               trace: bool = True) -> tuple[torch.nn.Module, Parts, dict[str, Any], tuple[str, ...]]:
     """(the denoiser network, the parts, the fixed-up scheduler config, class names) of a pipeline folder."""
     root, kind = check.root, check.kind
     assert kind is not None
@@ -83,10 +84,10 @@ def load_parts(check: FolderCheck, device: torch.device, dtype: torch.dtype, all
     vae_config = read_json(root / "vae" / "config.json")
     vae_dtype = torch.float32 if dtype in HALF and vae_config.get("force_upcast", True) else dtype
     vae = _load(AutoencoderKL, root / "vae", vae_dtype, allow_pickle).to(device)
-    codec = LatentCodec(vae, device, vae_dtype)
+    codec = LatentCodec(vae, device, vae_dtype, trace, root.name)
     sched = fix_scheduler(kind.name, read_json(root / "scheduler" / "scheduler_config.json"))
     channels = int(net.config.in_channels)
-    parts = Parts(kind.name, Denoiser(net, CALLS[net_class], device, dtype, channels), codec, "none",
+    parts = Parts(kind.name, Denoiser(net, CALLS[net_class], device, dtype, channels, trace, root.name), codec, "none",
                   guidance_scale=GUIDANCE[kind.name], patch=int(net.config.get("patch_size") or 1),
                   scheduler_class=str(sched.get("_class_name", "")))
     names: tuple[str, ...] = ()

@@ -326,6 +326,7 @@ class LoadedModel:
                 "null_class": self.null_class,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "channels_last": self.forward.channels_last,
+                "traced": getattr(self.forward, "traced", None) is not None,
                 "parameters": sum(p.numel() for p in self.unet.parameters())}
 
     def _pipeline_info(self) -> dict[str, Any]:
@@ -346,8 +347,9 @@ class LoadedModel:
 
 def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "float32",
                allow_pickle: bool = False, name: str | None = None, channels_last: bool = False,
-               prompt_cache_size: int = 256) -> LoadedModel:
-    """Load one model folder; every failure is a ModelStoreError naming the file.
+               prompt_cache_size: int = 256, trace: bool = True) -> LoadedModel:
+    """Load one model folder; every failure is a ModelStoreError naming the file. trace: a pipeline's denoiser runs
+    as graphs traced per input signature (app.models.trace).
 
     dtype "auto" is bfloat16 where it pays off (see fast.bf16_supported), else float32.
     """
@@ -360,7 +362,7 @@ def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "
         raise ModelStoreError(f"{root}: missing folder")
     check = check_folder(root)  # an unsupported class is refused here, before any weight is read
     if check.kind is not None and check.kind.name != "DDPMPipeline":
-        net, parts, sched, names = load_parts(check, dev, DTYPES[dtype], allow_pickle, prompt_cache_size)
+        net, parts, sched, names = load_parts(check, dev, DTYPES[dtype], allow_pickle, prompt_cache_size, trace)
         alphas = _path_of(sched, root / "scheduler" / "scheduler_config.json")
         return LoadedModel(name or root.name, net, sched, None if alphas is None else alphas.to(dev), dev,
                            DTYPES[dtype], root, class_names=names, parts=parts)
