@@ -32,10 +32,10 @@ class Settings(BaseSettings):
         "(`ddim layouts` shows it; a provisional one is timed again at the next start, `ddim layouts "
         "--retime` times it now)")
     compile: bool = Field(False, description="torch.compile one graph per batch bucket at warm-up")
-    trace: bool = Field(True, description="pipeline denoisers (SD, SD3, DiT): run each forward as a TorchScript "
-                        "graph traced once per input shape, which computes what the eager call does but releases "
-                        "the GIL for the whole forward, so that the server's other threads do not stall the worker "
-                        "(a signature that cannot be traced runs eagerly, with a warning)")
+    trace: bool = Field(True, description="pipelines (SD, SD3, DiT): run the denoiser and the VAE decoder as "
+                        "TorchScript graphs traced once per input shape, which compute what the eager calls do but "
+                        "release the GIL for the whole forward, so that the server's other threads do not stall the "
+                        "worker (a shape that cannot be traced runs eagerly, with a warning)")
     compile_budget_seconds: float = Field(600.0, ge=0, description="warm-up time allowed for compiling")
     keep_freed_memory: bool = Field(True, description="raise glibc malloc's mmap and trim thresholds and its top "
                                     "pad at startup, so each forward reuses the last one's memory instead of "

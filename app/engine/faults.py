@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from app.models.memory import free_cached, is_out_of_memory
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or an allocator's failure on another device."""
-    text = str(error).lower()
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def free_cached(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+__all__ = ["free_cached", "is_out_of_memory", "nonfinite_rows"]
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor | None:

@@ -136,7 +136,7 @@ class BatchWorker:
             rows.append(self.waiting.popleft())
             free -= row.job.rows_per_sample
         if not rows and self.waiting and self.short_first is not None and len(self.batch):
-            rows = self.short_first.overtakers(self.waiting, self.batch.forward_rows, int(self.batch.n_steps.max()))
+            rows = self.short_first.overtakers(self.waiting, self.batch.forward_rows, self.batch.most_steps)
             if rows:
                 chosen = {id(r) for r in rows}
                 self.waiting = deque(r for r in self.waiting if id(r) not in chosen)

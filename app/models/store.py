@@ -326,7 +326,7 @@ class LoadedModel:
                 "null_class": self.null_class,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "channels_last": self.forward.channels_last,
-                "traced": getattr(self.forward, "traced", None) is not None,
+                "trace": getattr(self.forward, "traced", None) is not None,  # DDIM_TRACE, for a pipeline
                 "parameters": sum(p.numel() for p in self.unet.parameters())}
 
     def _pipeline_info(self) -> dict[str, Any]:
@@ -348,8 +348,8 @@ class LoadedModel:
 def load_model(root: Path, *, device: torch.device | str = "cpu", dtype: str = "float32",
                allow_pickle: bool = False, name: str | None = None, channels_last: bool = False,
                prompt_cache_size: int = 256, trace: bool = True) -> LoadedModel:
-    """Load one model folder; every failure is a ModelStoreError naming the file. trace: a pipeline's denoiser runs
-    as graphs traced per input signature (app.models.trace).
+    """Load one model folder; every failure is a ModelStoreError naming the file. trace: a pipeline's denoiser and VAE
+    decoder run as graphs traced per input signature (app.models.trace).
 
     dtype "auto" is bfloat16 where it pays off (see fast.bf16_supported), else float32.
     """

@@ -29,7 +29,7 @@ def test_a_traced_denoiser_equals_the_eager_one_at_every_batch_size(pipeline_sto
     traced = load_model(pipeline_store / name)
     eager = load_model(pipeline_store / name, trace=False)
     assert traced.parts.denoiser.traced is not None and eager.parts.denoiser.traced is None
-    assert traced.info()["traced"] and not eager.info()["traced"]
+    assert traced.info()["trace"] and not eager.info()["trace"]
     for batch in (3, 1, 8, 5):  # traced at the first; the batch size is free
         x, t, cond = _inputs(traced, batch, batch)
         assert torch.equal(traced.eps(x, t, cond), eager.eps(x, t, cond))
@@ -107,3 +107,41 @@ def test_a_signature_that_cannot_be_traced_runs_eagerly_with_a_warning(caplog: p
         assert float(traced(torch.ones(4, 3))) == 12.0
     assert "model opaque: cannot trace the forward for inputs 0 [4, 3] float32" in caplog.text
     assert list(traced._graphs.values()) == [None]
+
+
+class _ShortOfMemory(torch.nn.Module):
+    """A network that runs out of memory on its first call, as a first trace at a large batch may on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 2 * x
+
+
+def test_a_trace_that_runs_out_of_memory_raises_and_is_tried_again(caplog: pytest.LogCaptureFixture) -> None:
+    traced = Traced(_ShortOfMemory(), lambda net, x: net(x), "model short")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        traced(torch.ones(4, 3))
+    assert traced.signatures == 0  # nothing kept: the next call traces again
+    with caplog.at_level(logging.WARNING, logger="app.models.trace"):
+        assert torch.equal(traced(torch.ones(2, 3)), 2 * torch.ones(2, 3))
+    assert caplog.text == "" and next(iter(traced._graphs.values())) is not None
+
+
+def test_a_graph_keeps_no_inputs_alive() -> None:
+    import gc
+    import weakref
+
+    traced = Traced(torch.nn.Linear(3, 3), lambda net, x: net(x), "model linear")
+    x = torch.ones(4, 3)
+    ref = weakref.ref(x)
+    traced(x)
+    assert next(iter(traced._graphs.values())) is not None
+    del x
+    gc.collect()
+    assert ref() is None
