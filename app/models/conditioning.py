@@ -55,6 +55,7 @@ class TextConditioner:
         self.token_limit = int(encoders[0][0].model_max_length)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Cond] = OrderedDict()
+        self._truncated: OrderedDict[str, bool] = OrderedDict()
         self._lock = threading.Lock()
         # a fast (Rust) tokenizer keeps its padding and truncation as state that each call sets: the routes'
         # truncated() and the worker's padded encode must not interleave, or an unpadded encoding (7 tokens, not 77)
@@ -63,9 +64,18 @@ class TextConditioner:
 
     def truncated(self, text: str) -> bool:
         """Whether the text is longer than the first tokenizer's limit (the part past it is dropped, as diffusers
-        drops it)."""
+        drops it); the last cache_size texts' answers are kept, so that a repeated prompt is not tokenized again."""
+        with self._lock:
+            if text in self._truncated:
+                self._truncated.move_to_end(text)
+                return self._truncated[text]
         with self._tokenizing:
-            return len(self.encoders[0][0](text).input_ids) > self.token_limit
+            cut = len(self.encoders[0][0](text).input_ids) > self.token_limit
+        with self._lock:
+            self._truncated[text] = cut
+            if len(self._truncated) > self.cache_size:
+                self._truncated.popitem(last=False)
+        return cut
 
     def encode(self, texts: list[str]) -> Encoded:
         """Encodings of texts [n, ...]; the texts not cached are encoded in one forward of each encoder."""

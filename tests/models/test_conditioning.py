@@ -20,7 +20,7 @@ def test_encodings_stay_padded_while_another_thread_checks_truncation(pipeline_s
 
     def check() -> None:
         while not stop.is_set():
-            assert not conditioner.truncated("a photo of a cat")
+            assert not conditioner.truncated(f"a photo of a dog {checked[0]}")  # new texts: each is tokenized
             checked[0] += 1
 
     checker = threading.Thread(target=check, daemon=True)
@@ -35,3 +35,27 @@ def test_encodings_stay_padded_while_another_thread_checks_truncation(pipeline_s
         checker.join(10)
     assert checked[0] > 0
     assert lengths == {conditioner.token_limit + (256 if name == "sd3" else 0)}  # sd3: T5's 256 zero rows
+
+
+def test_truncation_answers_are_kept_for_repeated_prompts(pipeline_store: Path) -> None:
+    conditioner = load_model(pipeline_store / "sd", prompt_cache_size=3).conditioner
+    assert conditioner is not None
+    long = " ".join(["cat"] * (conditioner.token_limit + 5))
+    calls = [0]
+    tokenizer = conditioner.encoders[0][0]
+    real = type(tokenizer).__call__
+
+    class Counting(type(tokenizer)):  # type: ignore[misc]
+        def __call__(self, *a, **k):
+            calls[0] += 1
+            return real(self, *a, **k)
+
+    tokenizer.__class__ = Counting
+    assert conditioner.truncated(long) and not conditioner.truncated("a cat")
+    assert calls[0] == 2
+    assert conditioner.truncated(long) and not conditioner.truncated("a cat")
+    assert calls[0] == 2  # kept
+    for i in range(3):
+        conditioner.truncated(f"a dog {i}")
+    assert len(conditioner._truncated) == 3 and calls[0] == 5  # bounded by the cache size, oldest out
+    assert conditioner.truncated(long) and calls[0] == 6
