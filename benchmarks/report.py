@@ -113,6 +113,9 @@ bucket with `mode="reduce-overhead"`, which records a CUDA graph per bucket (bat
 to the next bucket). Finished samples are copied back once, when they leave the batch. With
 `DDIM_CHANNELS_LAST=auto` the layouts are timed in a spawned process, which holds a CUDA context
 of its own (some hundreds of MiB of device memory) until it exits, before the server loads its models.
+A pipeline's denoiser and VAE decoder run as traced graphs (`DDIM_TRACE`, app/models/trace.py), on CUDA as on
+the CPU: each trace is checked against the eager call within its dtype's precision (16-bit kernels may round
+differently), and a size that does not pass, or cannot be traced, runs eagerly with a warning.
 """
 
 EXPLAIN = """Throughput is in image-steps/s (one image advanced by one denoising step). Every ratio is of two

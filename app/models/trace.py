@@ -3,7 +3,7 @@
 Called eagerly, a network dispatches hundreds of small ops from Python per forward and takes the GIL back after each.
 In the server the event loop and the decode thread are Python threads too: whenever one of them holds the GIL, the
 worker waits at its next op. Beside a Python thread that only spins, the tiny SD UNet's guided forward of 16 rows
-took 1.47 s eager (10.4 ms alone) and 50 ms traced (7.3 ms alone): benchmarks/studies/text_pipeline.py.
+took 1.59 s eager (11.1 ms alone) and 61 ms traced (8.3 ms alone): benchmarks/studies/text_pipeline.py.
 
 torch.jit.trace records the ops once per signature: each input's device, dtype, rank and shape past the batch. The
 batch size stays free, since diffusers' networks read it from the tensors; their Python branches on it

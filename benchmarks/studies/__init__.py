@@ -95,8 +95,9 @@ def _text_pipeline(c: dict[str, Any]) -> list[str]:
     lines = ["## A latent text pipeline: served against a plain loop with CFG", "",
              f"`python -m benchmarks.studies.text_pipeline` (arguments {a}; {c['machine']}). A tiny Stable Diffusion "
              f"pipeline (harness/pipelines.py, 32x32 pixels, 8x8 latents), {a['dtype']}: B = {a['batch']} guided "
-             "samples (2B rows a forward). **plain**: the same denoiser forward with both CFG rows and the DDIM update "
-             "in a loop, prompts encoded once outside it. **served**: 2B closed-loop clients (B running, B waiting) "
+             "samples (2B rows a forward). All three run the denoiser traced (DDIM_TRACE, the default). **plain**: "
+             "the same denoiser forward with both CFG rows and the DDIM update in a loop, prompts encoded once outside "
+             "it. **served**: 2B closed-loop clients (B running, B waiting) "
              "posting n = 1 requests with one prompt; the server's own image-step counter (VAE decode, PNG and HTTP "
              "included). **engine**: the server's Engine without HTTP, 2B jobs of n = 1 in flight (VAE decode "
              "included). Each round has a fresh server, plain process and engine process and alternates short slices "
@@ -118,7 +119,21 @@ def _text_pipeline(c: dict[str, Any]) -> list[str]:
             f"({fmt(r['new prompt']['encode_ms'], 2)} ms); the same prompt again: "
             f"{int(r['same prompt again']['encoder_calls'])} calls ({fmt(r['same prompt again']['encode_ms'], 2)} ms). "
             f"Previews decode x0-hat with the VAE: one decode of B latents took {fmt(c['decode_ms'], 2)} ms against "
-            f"{fmt(c['forward_ms'], 2)} ms for a guided denoiser forward of the batch (medians in one process).", ""]
+            f"{fmt(c['forward_ms'], 2)} ms for a guided denoiser forward of the batch (medians in one process).", "",
+            *_tracing(c.get("tracing"))]
+
+
+def _tracing(t: dict[str, float] | None) -> list[str]:
+    if t is None:
+        return []
+    return ["Tracing (app/models/trace.py), one guided forward of the batch in a fresh process, in ms (medians):", "",
+            "| denoiser | alone | beside a Python thread that spins |", "|---|---|---|",
+            f"| traced (DDIM_TRACE=true, the default) | {fmt(t['traced_ms'], 2)} | "
+            f"{fmt(t['traced_beside_spinner_ms'], 1)} |",
+            f"| eager (DDIM_TRACE=false) | {fmt(t['eager_ms'], 2)} | {fmt(t['eager_beside_spinner_ms'], 1)} |", "",
+            "An eager forward takes the GIL back after each of its hundreds of small ops, and waits whenever another "
+            "Python thread holds it; a traced one runs in one call that releases it. The server's event loop and "
+            "decode thread are such threads.", ""]
 
 
 def _idle_model(c: dict[str, Any]) -> list[str]:

@@ -16,7 +16,9 @@ own ratio. Also recorded:
 - the prompt cache: encode calls, hits and misses, and encode seconds, from the server's metrics; a new prompt
   costs one encoder call, a repeated one none;
 - previews: one VAE decode of x0-hat (B latents) against one guided forward of the batch, medians, timed in a
-  fresh process.
+  fresh process;
+- tracing: one guided forward traced (DDIM_TRACE, the default, which all three above run) and eager, alone and
+  beside a Python thread that spins, in a fresh process.
 
     python -m benchmarks.studies.text_pipeline [--batch 8] [--steps 50,20] [--rounds 3] [--slices 3] [--seconds 4]
 
@@ -29,6 +31,7 @@ import argparse
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +137,16 @@ def cache_facts(url: str) -> dict[str, Any]:
     return out
 
 
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
 def preview_costs(folder: Path, batch: int, dtype: str, threads: int, repeats: int = 20) -> dict[str, float]:
     """Milliseconds of one VAE decode of B latents (a preview's x0-hat) and of one guided forward (2B rows), in this
     process, each the median of repeats."""
@@ -142,18 +155,37 @@ def preview_costs(folder: Path, batch: int, dtype: str, threads: int, repeats: i
     assert model.codec is not None
     net = model.network(guidance_scale=7.5, prompts=[PROMPT] * batch, negative_prompts=[""] * batch)
     x, t = draw(sample_generators(0, batch), model.sample_shape), torch.full((batch,), 500.0)
-
-    def ms(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - started))
-        return statistics.median(times)
-
     with torch.inference_mode():
-        return {"decode_ms": ms(lambda: model.codec.decode(x)), "forward_ms": ms(lambda: net(x, t))}  # type: ignore[union-attr]
+        return {"decode_ms": _median_ms(lambda: model.codec.decode(x), repeats),  # type: ignore[union-attr]
+                "forward_ms": _median_ms(lambda: net(x, t), repeats)}
+
+
+def trace_costs(folder: Path, batch: int, dtype: str, threads: int, repeats: int = 20) -> dict[str, float]:
+    """Milliseconds of one guided forward of the batch (2B rows), traced (DDIM_TRACE, the default) and eager, each
+    alone and beside a Python thread that only spins (as the server's event loop does while it works), in this
+    process: medians of repeats (5 beside the spinner)."""
+    torch.set_num_threads(threads)
+    out: dict[str, float] = {}
+    for name, trace in (("traced", True), ("eager", False)):
+        model = load_model(folder, dtype=dtype, trace=trace)
+        net = model.network(guidance_scale=7.5, prompts=[PROMPT] * batch, negative_prompts=[""] * batch)
+        x, t = draw(sample_generators(0, batch), model.sample_shape), torch.full((batch,), 500.0)
+        out[f"{name}_ms"] = _median_ms(lambda: net(x, t), repeats)  # noqa: B023 -- called at once
+        stop = threading.Event()
+        spinner = threading.Thread(target=_spin, args=(stop,))
+        spinner.start()
+        try:
+            out[f"{name}_beside_spinner_ms"] = _median_ms(lambda: net(x, t), 5)  # noqa: B023
+        finally:
+            stop.set()
+            spinner.join()
+    return out
+
+
+def _spin(stop: threading.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        n += 1
 
 
 def paired_rounds(store: Path, folder: Path, a: argparse.Namespace, steps: int) -> dict[str, Any]:
@@ -208,7 +240,8 @@ def main() -> None:
     cache = {k: sum(r["cache"][k] for r in runs) for k in ("hit", "miss")}
     save_study(vars(a), ROOT, machine=f"{platform.machine()}, {CORES} cores, torch {torch.__version__}", runs=runs,
                cache=cache, hit_rate=cache["hit"] / max(1.0, cache["hit"] + cache["miss"]), repeat=repeat,
-               **in_child(preview_costs, folder, a.batch, a.dtype, a.threads))
+               **in_child(preview_costs, folder, a.batch, a.dtype, a.threads),
+               tracing=in_child(trace_costs, folder, a.batch, a.dtype, a.threads))
     for r in runs:
         print(f"S = {r['steps']}: served / plain = {r['served_over_plain']:.3f} (median of {a.rounds} rounds)")
     print(f"cache {cache}; repeat {repeat}", flush=True)
