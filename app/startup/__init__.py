@@ -46,3 +46,5 @@ def warm_up(model: LoadedModel, settings: Settings, budget_from: float) -> None:
         for b in sorted({1, s.max_batch_size}):
             model.eps(torch.zeros(b, *model.sample_shape, device=model.device), torch.full((b,), 500.0),
                       model.null_cond(b))
+        if model.codec is not None:  # a latent model's VAE decoder too (traced here, with DDIM_TRACE)
+            model.codec.decode(torch.zeros(1, *model.sample_shape, device=model.device))

@@ -145,3 +145,15 @@ def test_a_graph_keeps_no_inputs_alive() -> None:
     del x
     gc.collect()
     assert ref() is None
+
+
+def test_warm_up_traces_the_denoiser_and_the_vae_decoder_at_the_default_size(pipeline_store: Path) -> None:
+    from app.config import Settings
+    from app.startup import warm_up
+
+    model = load_model(pipeline_store / "sd")
+    assert model.parts is not None and model.codec is not None
+    assert model.parts.denoiser.traced.signatures == 0 and model.codec._decode.signatures == 0
+    warm_up(model, Settings(max_batch_size=4, threads=0), budget_from=0.0)
+    assert model.parts.denoiser.traced.signatures == 1 and model.codec._decode.signatures == 1
+    assert all(g is not None for g in model.parts.denoiser.traced._graphs.values())
