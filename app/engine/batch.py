@@ -59,13 +59,11 @@ def coefficient_table(a: torch.Tensor, s: torch.Tensor, steps: torch.Tensor, eta
 
 class ActiveBatch:
     """x [B, width] (each row's sample flattened) plus each row's plan (every step's coefficients, from its levels,
-    eta and variance kind, and network timesteps), position, eta, variance kind, clipping, conditioning and guidance
-    scale. Once a multistep-solver row
-    (DPM-Solver++, UniPC) joins, every row also has solver columns: its solver plan (SolverRows) and memory
-    (MultistepState), placeholders on DDIM rows."""
+    eta and variance kind, and network timesteps), position, clipping, conditioning and guidance scale. Once a
+    multistep-solver row (DPM-Solver++, UniPC) joins, every row also has solver columns: its solver plan
+    (SolverRows) and memory (MultistepState), placeholders on DDIM rows."""
 
-    PER_ROW = ("coef", "model_t", "pos", "n_steps", "eta", "large", "clip", "stochastic", "w", "guided",
-               "multistep")
+    PER_ROW = ("coef", "model_t", "pos", "n_steps", "clip", "stochastic", "w", "guided", "multistep")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -80,8 +78,8 @@ class ActiveBatch:
         self.coef = torch.empty((0, COEFFICIENTS, 0), dtype=self.coef_dtype, device=device)
         self.model_t = empty(torch.float32, 0)
         self.pos, self.n_steps = (empty(torch.long) for _ in range(2))
-        self.eta, self.w = empty(self.coef_dtype), empty(self.coef_dtype)
-        self.large, self.clip, self.stochastic, self.guided, self.multistep = (empty(torch.bool) for _ in range(5))
+        self.w = empty(self.coef_dtype)
+        self.clip, self.stochastic, self.guided, self.multistep = (empty(torch.bool) for _ in range(4))
         self.solver_rows: SolverRows | None = None
         self.solver_state: MultistepState | None = None
         self._count()
@@ -135,8 +133,6 @@ class ActiveBatch:
         self.model_t = grow(self.model_t, [p.model_t for p in plans], width)
         self.pos = extend(self.pos, [0] * len(rows))
         self.n_steps = extend(self.n_steps, [j.steps for j in jobs])
-        self.eta = extend(self.eta, [j.eta for j in jobs])
-        self.large = extend(self.large, [j.large for j in jobs])
         self.clip = extend(self.clip, [j.clip_denoised for j in jobs])
         self.stochastic = extend(self.stochastic, [j.stochastic for j in jobs])
         self.w = extend(self.w, [j.guidance_scale for j in jobs])
